@@ -1,0 +1,26 @@
+# `make test` and `make demo` do all set-up on a fresh machine into .venv, once.
+# torch is held at 2.13.0 by constraints.txt (on CPU machines the local +cpu wheel,
+# on GPU machines the registry's CUDA build); salesforce-lavis goes in with --no-deps.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.lavis_ext_installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.py requirements.txt constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q --no-deps salesforce-lavis==1.0.2
+	$(PIP) install -q -r requirements.txt -c constraints.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)

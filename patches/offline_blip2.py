@@ -1,0 +1,46 @@
+"""BLIP-2's shared parts are hard-wired to hub names and URLs.
+
+Upstream:
+- ``lavis/models/blip2_models/blip2.py:32`` ``BertTokenizer.from_pretrained("bert-base-uncased")``
+  (offline on transformers 4.57 this fails with a misleading "requires the protobuf
+  library" error);
+- ``blip2.py:48`` and ``:54`` ``BertConfig``/``BertLMHeadModel.from_pretrained("bert-base-uncased")``;
+- ``lavis/models/eva_vit.py:429`` and ``lavis/models/clip_vit.py:242`` download the ViT
+  weights from a GCS URL, after building the full model, with no way to skip it.
+
+Fix: route ``Blip2Base.init_tokenizer``/``init_Qformer`` and the two ViT factories (looked up
+by name at ``blip2.py:72-76``) through :mod:`lavis_ext.offline`, which builds them from the
+local paths in ``model.bert_path``/``model.vit_path`` (env ``LAVIS_EXT_BERT``/``LAVIS_EXT_VIT``).
+"""
+from __future__ import annotations
+
+
+def apply() -> None:
+    from lavis.models.blip2_models import blip2
+
+    from lavis_ext import offline
+
+    if getattr(blip2.Blip2Base, "_lavis_ext_offline", False):
+        return
+
+    def init_tokenizer(cls):
+        weights = offline.current()
+        return offline.build_bert_tokenizer(weights.bert_path, key=weights.describe("bert_path"))
+
+    def init_Qformer(cls, num_query_token, vision_width, cross_attention_freq=2):
+        weights = offline.current()
+        return offline.build_qformer(weights.bert_path, num_query_token, vision_width, cross_attention_freq,
+                                     key=weights.describe("bert_path"))
+
+    def vision_factory(vit_model):
+        def create(img_size=224, drop_path_rate=0.0, use_checkpoint=False, precision="fp16"):
+            weights = offline.current()
+            return offline.build_vision_encoder(vit_model, weights.vit_path, img_size, drop_path_rate,
+                                                use_checkpoint, key=weights.describe("vit_path"), precision=precision)
+        return create
+
+    blip2.Blip2Base.init_tokenizer = classmethod(init_tokenizer)
+    blip2.Blip2Base.init_Qformer = classmethod(init_Qformer)
+    blip2.create_eva_vit_g = vision_factory("eva_clip_g")
+    blip2.create_clip_vit_L = vision_factory("clip_L")
+    blip2.Blip2Base._lavis_ext_offline = True
