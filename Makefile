@@ -20,7 +20,7 @@ $(STAMP): setup.py requirements.txt constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -299,7 +299,7 @@ class RunnerExt(RunnerBase):
         if not is_main_process():
             return
         record = {"step": self.global_step, "epoch": epoch, "iter": i, "lr": lr}
-        record.update({k: v.item() for k, v in losses.items()})
+        record.update(losses)
         with open(self.output_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 

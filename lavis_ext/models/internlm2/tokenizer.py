@@ -47,9 +47,9 @@ class InternLM2Tokenizer:
     and ``decode(encode(x), skip_special_tokens=True) == x`` whenever SentencePiece itself
     round-trips ``x``. Differences from the hub's decode:
 
-    * with ``skip_special_tokens=False`` the hub inserts a space before a special token that
-      follows ordinary text (``"a<|im_end|>"`` decodes to ``"a <|im_end|>"`` there, to
-      ``"a<|im_end|>"`` here);
+    * with ``skip_special_tokens=False`` the hub may insert spaces next to special tokens (its
+      ``convert_tokens_to_string`` adds one per run of ordinary pieces that precedes a special
+      token, then applies a prefix-space heuristic); this wrapper never adds spaces;
     * with ``skip_special_tokens=True`` the hub decodes the remaining ids as one run, so text
       on both sides of a dropped special token is joined by the right-hand chunk's dummy
       prefix (``"a<|im_end|>b"`` -> ``"a b"`` there, ``"ab"`` here). Text without special
@@ -214,11 +214,12 @@ class InternLM2Tokenizer:
         masks = [[1] * len(row) for row in rows]
         if strategy != "do_not_pad":
             target = max_length if strategy == "max_length" else max(map(len, rows), default=0)
-            rows, masks = zip(*(self._pad(row, mask, target, side) for row, mask in zip(rows, masks))) if rows else ([], [])
+            padded = [self._pad(row, mask, target, side) for row, mask in zip(rows, masks)]
+            rows, masks = [row for row, _ in padded], [mask for _, mask in padded]
 
         if isinstance(text, str) and return_tensors is None:
-            return BatchEncoding({"input_ids": list(rows[0]), "attention_mask": list(masks[0])})
-        return BatchEncoding({"input_ids": list(rows), "attention_mask": list(masks)}, tensor_type=return_tensors)
+            return BatchEncoding({"input_ids": rows[0], "attention_mask": masks[0]})
+        return BatchEncoding({"input_ids": rows, "attention_mask": masks}, tensor_type=return_tensors)
 
     def _pad(self, row: list[int], mask: list[int], length: int, side: str) -> tuple[list[int], list[int]]:
         extra = max(length - len(row), 0)

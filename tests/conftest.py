@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny BLIP-2 parts and data, built once per session in a temp dir."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_dir) -> dict[str, Path]:
+    """``bert`` (WordPiece vocab + tiny config) and ``vit`` (tiny EVA config) directories."""
+    from lavis_ext.tiny.blip2 import make_tiny_bert, make_tiny_vit
+
+    return {"bert": make_tiny_bert(tiny_dir / "bert"), "vit": make_tiny_vit(tiny_dir / "vit")}
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tiny_dir) -> Path:
+    from lavis_ext.tiny.data import make_caption_data
+
+    return make_caption_data(tiny_dir / "coco", num_images=8)
+
+
+@pytest.fixture
+def tiny_env(tiny_parts, tiny_coco) -> dict[str, str]:
+    """Environment for subprocesses that build tiny models and read tiny COCO data."""
+    env = dict(os.environ)
+    env.update(LAVIS_EXT_BERT=str(tiny_parts["bert"]), LAVIS_EXT_VIT=str(tiny_parts["vit"]),
+               TINY_COCO_ANN=str(tiny_coco), TINY_COCO_IMAGES=str(tiny_coco.parent / "images"),
+               OMP_NUM_THREADS="1")
+    return env
+
+
+def run_python(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", *args],
+                      env, timeout=timeout)
