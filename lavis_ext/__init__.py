@@ -4,7 +4,12 @@
 imported) and registers lavis-ext's models, builders and runner in LAVIS's registry.
 LAVIS's own models keep working as before.
 """
-import patches as _patches
+import warnings
+
+# timm 1.x warns on every LAVIS import of its old module paths; the paths still work.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
+
+import patches as _patches  # noqa: E402
 
 _patches.apply_all()
 
@@ -12,6 +17,6 @@ _patches.apply_all()
 # lavis/__init__.py does not do (runner_base.py:161 then calls None).
 import lavis.common.optims  # noqa: E402,F401
 
-from lavis_ext import runners  # noqa: E402,F401  (registers runner_ext)
+from lavis_ext import models, runners  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"

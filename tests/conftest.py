@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
+import lavis_ext  # noqa: E402,F401  (patches must precede any transformers import)
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
@@ -51,3 +53,20 @@ def run_python(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: 
 def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", *args],
                       env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_dir) -> Path:
+    """A tiny InternLM2-format checkpoint (packed wqkv, sentencepiece tokenizer)."""
+    from lavis_ext.tiny.internlm2 import make_tiny_internlm2
+
+    return make_tiny_internlm2(tiny_dir / "llm")
+
+
+@pytest.fixture
+def tiny_model_env(tiny_parts, tiny_llm, monkeypatch):
+    """Point the ``tiny`` blip2_internlm model type at the tiny fixtures."""
+    monkeypatch.setenv("LAVIS_EXT_BERT", str(tiny_parts["bert"]))
+    monkeypatch.setenv("LAVIS_EXT_VIT", str(tiny_parts["vit"]))
+    monkeypatch.setenv("LAVIS_EXT_TINY_LLM", str(tiny_llm))
+    monkeypatch.delenv("LAVIS_EXT_STAGE1_CKPT", raising=False)

@@ -51,13 +51,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def _rope_cos_sin(cfg: dict[str, Any], seq_len: int, head_dim: int, use_scaling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_cos_sin(
+    cfg: dict[str, Any], seq_len: int, head_dim: int, use_scaling: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     base = cfg["rope_theta"]
     positions = torch.arange(seq_len, dtype=torch.float64)
     scaling = cfg["rope_scaling"] if use_scaling else None
     if scaling and scaling["type"] == "dynamic" and seq_len > cfg["max_position_embeddings"]:
-        f = scaling["factor"]
-        base = base * ((f * seq_len / cfg["max_position_embeddings"]) - (f - 1)) ** (head_dim / (head_dim - 2))
+        f, max_pos = scaling["factor"], cfg["max_position_embeddings"]
+        base = base * ((f * seq_len / max_pos) - (f - 1)) ** (head_dim / (head_dim - 2))
     if scaling and scaling["type"] == "linear":
         positions = positions / scaling["factor"]
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -130,7 +132,7 @@ def _edit_config(ckpt: Path, *, remove: str | None = None, **changes: Any) -> No
 
 
 def _as_pytorch_bin(src: Path, dst: Path, shards: int) -> Path:
-    """Copy ``src`` with its weights re-saved as ``pytorch_model.bin`` (sharded with an index if shards > 1)."""
+    """Copy ``src`` with its weights re-saved as ``pytorch_model.bin`` (with an index if shards > 1)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors*"))
     weights = _packed_weights(src)
     weights = {name: tensor.float() for name, tensor in weights.items()}
@@ -151,7 +153,9 @@ def _as_pytorch_bin(src: Path, dst: Path, shards: int) -> Path:
 # ---------------------------------------------------------------- logits vs the spec
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (4, 1)], ids=["G1", "G2", "G4"])
-def test_logits_match_reference_forward(tmp_path: Path, heads: int, kv_heads: int, attn_implementation: str) -> None:
+def test_logits_match_reference_forward(
+    tmp_path: Path, heads: int, kv_heads: int, attn_implementation: str
+) -> None:
     ckpt = _tiny(tmp_path, num_heads=heads, num_kv_heads=kv_heads)
     model = load_internlm2_llm(ckpt, torch_dtype=torch.float32, attn_implementation=attn_implementation)
     assert isinstance(model, transformers.LlamaForCausalLM)
@@ -206,8 +210,9 @@ def test_split_wqkv_repacks_bit_exactly() -> None:
     wqkv = torch.randn((heads + 2 * kv_heads) * head_dim, 8)
     q, k, v = split_wqkv(wqkv, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
     assert (q.shape, k.shape, v.shape) == ((24, 8), (12, 8), (12, 8))
+    group = heads // kv_heads
     per_kv_head = torch.cat(
-        [q.view(kv_heads, heads // kv_heads * head_dim, 8), k.view(kv_heads, head_dim, 8), v.view(kv_heads, head_dim, 8)],
+        [q.view(kv_heads, group * head_dim, 8), k.view(kv_heads, head_dim, 8), v.view(kv_heads, head_dim, 8)],
         dim=1,
     )
     assert torch.equal(per_kv_head.reshape_as(wqkv), wqkv)
@@ -219,11 +224,15 @@ def test_split_wqkv_repacks_bit_exactly() -> None:
 def test_convert_state_dict_names_match_llama(tmp_path: Path) -> None:
     ckpt = _tiny(tmp_path)
     config = internlm2_config_to_llama(json.loads((ckpt / "config.json").read_text()))
-    state_dict = load_file(ckpt / "model.safetensors") | {"model.layers.0.attention.rotary_emb.inv_freq": torch.ones(8)}
+    stale = {"model.layers.0.attention.rotary_emb.inv_freq": torch.ones(8)}
+    state_dict = load_file(ckpt / "model.safetensors") | stale
     converted = convert_internlm2_state_dict(state_dict, config)
     with torch.device("meta"):
         expected = transformers.LlamaForCausalLM(config).state_dict()
-    assert {name: tuple(t.shape) for name, t in converted.items()} == {name: tuple(t.shape) for name, t in expected.items()}
+    def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+    assert shapes(converted) == shapes(expected)
 
 
 # ---------------------------------------------------------------- weight layouts
@@ -232,7 +241,8 @@ def test_weight_layouts_load_identically(tmp_path: Path, layout: str) -> None:
     single = _tiny(tmp_path, "single")
     if layout == "safetensors_sharded":
         other = _tiny(tmp_path, "sharded", sharded=True)
-        assert (other / "model.safetensors.index.json").is_file() and not (other / "model.safetensors").exists()
+        assert (other / "model.safetensors.index.json").is_file()
+        assert not (other / "model.safetensors").exists()
     else:
         other = _as_pytorch_bin(single, tmp_path / layout, shards=1 if layout == "bin" else 3)
     reference = load_internlm2_llm(single, attn_implementation="eager")
@@ -302,6 +312,17 @@ def test_unsupported_rope_scaling_is_refused() -> None:
         internlm2_config_to_llama(_MINIMAL_CONFIG | {"rope_scaling": {"type": "yarn", "factor": 2.0}})
 
 
+def test_tied_word_embeddings_reuse_the_input_embedding(tmp_path: Path) -> None:
+    ckpt = _tiny(tmp_path)
+    _edit_config(ckpt, tie_word_embeddings=True)
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["output.weight"]
+    save_file(weights, ckpt / "model.safetensors")
+    model = load_internlm2_llm(ckpt)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, weights["model.tok_embeddings.weight"])
+
+
 # ---------------------------------------------------------------- strict loading
 def test_missing_weight_is_listed(tmp_path: Path) -> None:
     ckpt = _tiny(tmp_path)
@@ -338,7 +359,8 @@ def test_convert_cli_writes_llama_layout(tmp_path: Path) -> None:
     assert tokenizer_config["tokenizer_class"] == "LlamaTokenizer" and "auto_map" not in tokenizer_config
     tokenizer = load_internlm2_tokenizer(src)
     generation = json.loads((dst / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == tokenizer.stop_token_ids == [2, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generation["eos_token_id"] == tokenizer.stop_token_ids == [2, im_end]
 
     converted = load_internlm2_llm(dst, attn_implementation="eager")
     original = load_internlm2_llm(src, attn_implementation="eager")
@@ -349,6 +371,8 @@ def test_convert_cli_writes_llama_layout(tmp_path: Path) -> None:
 
     # transformers' own LlamaTokenizer reads the saved files and agrees with ours.
     llama_tokenizer = transformers.LlamaTokenizer.from_pretrained(dst)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hello 世界, a red circle."}], add_generation_prompt=True)
-    assert llama_tokenizer.encode(chat, add_special_tokens=False) == tokenizer.encode(chat, add_special_tokens=False)
+    messages = [{"role": "user", "content": "Hello 世界, a red circle."}]
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ours = tokenizer.encode(chat, add_special_tokens=False)
+    assert llama_tokenizer.encode(chat, add_special_tokens=False) == ours
     assert llama_tokenizer("Hello 世界！")["input_ids"] == tokenizer.encode("Hello 世界！")

@@ -48,7 +48,9 @@ def test_ids_and_sizes(tokenizer: InternLM2Tokenizer, sp: spm.SentencePieceProce
 
 
 @pytest.mark.parametrize("token", [*SPECIAL_TOKENS, "<s>", "</s>"])
-def test_special_tokens_encode_to_their_single_id(tokenizer: InternLM2Tokenizer, sp: spm.SentencePieceProcessor, token: str) -> None:
+def test_special_tokens_encode_to_their_single_id(
+    tokenizer: InternLM2Tokenizer, sp: spm.SentencePieceProcessor, token: str
+) -> None:
     token_id = sp.piece_to_id(token)
     assert token_id != sp.unk_id()
     assert tokenizer.encode(token, add_special_tokens=False) == [token_id]
@@ -58,7 +60,9 @@ def test_special_tokens_encode_to_their_single_id(tokenizer: InternLM2Tokenizer,
     assert sp.encode(token) != [token_id]
 
 
-def test_encode_is_raw_sentencepiece_around_special_tokens(tokenizer: InternLM2Tokenizer, sp: spm.SentencePieceProcessor) -> None:
+def test_encode_is_raw_sentencepiece_around_special_tokens(
+    tokenizer: InternLM2Tokenizer, sp: spm.SentencePieceProcessor
+) -> None:
     text = MIXED_TEXTS[0]
     assert tokenizer.encode(text) == [sp.bos_id(), *sp.encode(text)]
     assert tokenizer.encode(text, add_special_tokens=False) == sp.encode(text)
@@ -77,7 +81,8 @@ def test_bos_first_and_eos_only_when_configured(ckpt: Path, tmp_path: Path) -> N
     assert ids[0] == default.bos_token_id and default.eos_token_id not in ids
     assert default.bos_token_id not in default.encode("a red circle", add_special_tokens=False)
 
-    config = json.loads((ckpt / "tokenizer_config.json").read_text()) | {"add_bos_token": False, "add_eos_token": True}
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config |= {"add_bos_token": False, "add_eos_token": True}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "tokenizer.model").write_bytes((ckpt / "tokenizer.model").read_bytes())
     flipped = load_internlm2_tokenizer(tmp_path)
@@ -124,7 +129,9 @@ def test_chat_template(tokenizer: InternLM2Tokenizer, ckpt: Path) -> None:
 
     # The hub's jinja template (as written to tokenizer_config.json) renders the same string.
     template = json.loads((ckpt / "tokenizer_config.json").read_text())["chat_template"]
-    rendered = jinja2.Template(template).render(messages=messages, bos_token="<s>", add_generation_prompt=True)
+    rendered = jinja2.Template(template).render(
+        messages=messages, bos_token="<s>", add_generation_prompt=True
+    )
     assert rendered == expected
 
 
@@ -165,7 +172,8 @@ def test_call_options(tokenizer: InternLM2Tokenizer) -> None:
     assert truncated.input_ids.tolist() == [ids[:4]] and truncated.input_ids[0, 0] == tokenizer.bos_token_id
 
     padded = tokenizer(["你好"], padding="max_length", max_length=8)
-    assert padded.input_ids.shape == (1, 8) and padded.attention_mask.sum().item() == len(tokenizer.encode("你好"))
+    assert padded.input_ids.shape == (1, 8)
+    assert padded.attention_mask.sum().item() == len(tokenizer.encode("你好"))
 
     no_special = tokenizer([text], add_special_tokens=False)
     assert no_special.input_ids.tolist() == [ids[1:]]

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lavis_ext.checkpoint import atomic_save, load_partial_state
 from lavis_ext.runners.sampler import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -82,27 +83,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash at any moment leaves the old file intact."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_trainable_state(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """Load a checkpoint that holds only trainable weights; the rest must be frozen params."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = {n for n, _ in model.named_buffers()}
-    not_frozen = [k for k in missing if k not in frozen and k not in buffers]
-    if unexpected or not_frozen:
-        raise RuntimeError(f"{source}: does not match the model; unexpected keys {unexpected[:8]}, "
-                           f"missing trainable keys {not_frozen[:8]}")
 
 
 def find_latest_checkpoint(output_root: Path) -> Path | None:
@@ -349,7 +329,7 @@ class RunnerExt(RunnerBase):
         if not path.is_file():
             raise FileNotFoundError(f"run.resume_ckpt_path = {url_or_filename!r}: no such file")
         checkpoint = torch.load(path, map_location=self.device, weights_only=False)
-        load_trainable_state(self.unwrap_dist_model(self.model), checkpoint["model"], str(path))
+        load_partial_state(self.unwrap_dist_model(self.model), checkpoint["model"], str(path))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])

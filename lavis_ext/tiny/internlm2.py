@@ -17,7 +17,13 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from lavis_ext.models.internlm2.tokenizer import CHAT_TEMPLATE, IM_END, SPECIAL_TOKENS, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from lavis_ext.models.internlm2.tokenizer import (
+    CHAT_TEMPLATE,
+    IM_END,
+    SPECIAL_TOKENS,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 
 # English and Chinese, so both scripts get real pieces (anything else uses byte fallback).
 DEFAULT_TEXTS = [
@@ -40,16 +46,22 @@ MODEL_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
 }
 TOKENIZER_AUTO_MAP = {
-    "AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", "tokenization_internlm2_fast.InternLM2TokenizerFast"]
+    "AutoTokenizer": [
+        "tokenization_internlm2.InternLM2Tokenizer",
+        "tokenization_internlm2_fast.InternLM2TokenizerFast",
+    ]
 }
 
 
-def train_tiny_sentencepiece(dst_dir: str | Path, texts: Iterable[str] = DEFAULT_TEXTS, vocab_size: int = 384) -> Path:
+def train_tiny_sentencepiece(
+    dst_dir: str | Path, texts: Iterable[str] = DEFAULT_TEXTS, vocab_size: int = 384
+) -> Path:
     """Train a small SentencePiece BPE model like InternLM2's and write ``dst_dir/tokenizer.model``.
 
     ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, then :data:`SPECIAL_TOKENS` as user-defined
     pieces. Byte fallback covers any text; identity normalization and kept whitespace make
-    SentencePiece round-trip it exactly (NFKC would turn ``！`` into ``!``).
+    SentencePiece round-trip it exactly (NFKC would turn ``！`` into ``!``). ``vocab_size`` is
+    an upper bound: a short text list yields fewer pieces.
     """
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
@@ -69,6 +81,7 @@ def train_tiny_sentencepiece(dst_dir: str | Path, texts: Iterable[str] = DEFAULT
         eos_id=2,
         pad_id=-1,
         user_defined_symbols=list(SPECIAL_TOKENS),
+        hard_vocab_limit=False,  # a short text list may not support vocab_size pieces
         num_threads=1,
         minloglevel=2,
     )
@@ -205,5 +218,6 @@ def make_tiny_internlm2(
         },
     )
     eos_token_id: int | list[int] = [2, sp.piece_to_id(IM_END)] if chat else 2
-    _write_json(dst / "generation_config.json", {"bos_token_id": 1, "eos_token_id": eos_token_id, "pad_token_id": 2})
+    generation = {"bos_token_id": 1, "eos_token_id": eos_token_id, "pad_token_id": 2}
+    _write_json(dst / "generation_config.json", generation)
     return dst

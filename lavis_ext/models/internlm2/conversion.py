@@ -131,7 +131,8 @@ def internlm2_config_to_llama(config: Mapping[str, Any], source: str | Path = CO
             f"{source}: 'bias' is true; InternLM2 checkpoints with wqkv/wo biases are not supported "
             "(released checkpoints use bias: false)"
         )
-    heads, kv_heads, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    hidden = config["hidden_size"]
     if hidden % heads or heads % kv_heads:
         raise ValueError(
             f"{source}: hidden_size {hidden}, num_attention_heads {heads} and num_key_value_heads "
@@ -162,7 +163,10 @@ def split_wqkv(
         )
     blocks = rearrange(wqkv, "(h gs d) dim -> h gs d dim", gs=group + 2, d=head_dim)
     parts = torch.split(blocks, [group, 1, 1], dim=1)
-    q, k, v = (rearrange(part, "h gs d dim -> (h gs d) dim").clone(memory_format=torch.contiguous_format) for part in parts)
+    q, k, v = (
+        rearrange(part, "h gs d dim -> (h gs d) dim").clone(memory_format=torch.contiguous_format)
+        for part in parts
+    )
     return q, k, v
 
 
@@ -187,18 +191,25 @@ def convert_internlm2_tensor(name: str, tensor: torch.Tensor, config: LlamaConfi
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
         )
-        return {f"{prefix}self_attn.q_proj.weight": q, f"{prefix}self_attn.k_proj.weight": k, f"{prefix}self_attn.v_proj.weight": v}
+        return {
+            f"{prefix}self_attn.q_proj.weight": q,
+            f"{prefix}self_attn.k_proj.weight": k,
+            f"{prefix}self_attn.v_proj.weight": v,
+        }
     if suffix in _LAYER_NAMES:
         return {prefix + _LAYER_NAMES[suffix]: tensor}
     return {name: tensor}
 
 
-def convert_internlm2_state_dict(state_dict: Mapping[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+def convert_internlm2_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: LlamaConfig
+) -> dict[str, torch.Tensor]:
     """Convert an InternLM2 state dict (or one shard of it) to Llama names and layout.
 
     Each tensor converts on its own, so shards can be converted one at a time.
     """
-    return dict(chain.from_iterable(convert_internlm2_tensor(k, v, config).items() for k, v in state_dict.items()))
+    converted = (convert_internlm2_tensor(name, tensor, config) for name, tensor in state_dict.items())
+    return dict(chain.from_iterable(parts.items() for parts in converted))
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -237,7 +248,7 @@ def load_internlm2_llm(
     ``from_pretrained``.
 
     The model is built on the ``meta`` device and filled shard by shard with
-    ``load_state_dict(assign=True)``, so at most one shard is held besides the model itself.
+    ``load_state_dict(assign=True)``, so about one shard is held besides the model itself.
     Loading is strict: missing parameters or unknown keys raise ``ValueError`` listing them.
     ``generation_config.json`` (the chat models' eos ids) is kept when present. Returns the
     model in eval mode.
@@ -266,7 +277,7 @@ def load_internlm2_llm(
         known = {name: tensor.to(torch_dtype) for name, tensor in tensors.items() if name in expected}
         model.load_state_dict(known, strict=False, assign=True)
         filled.update(known)
-        del tensors, known
+        del tensors, known  # free this shard before the next one is read
 
     missing = sorted(expected - filled)
     if missing or unexpected:
@@ -278,7 +289,8 @@ def load_internlm2_llm(
         model.tie_weights()
     # The rotary cache is a non-persistent buffer, so it is still on `meta`: rebuild it.
     model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
-    on_meta = [name for name, tensor in chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
+    named = chain(model.named_parameters(), model.named_buffers())
+    on_meta = [name for name, tensor in named if tensor.is_meta]
     if on_meta:
         raise ValueError(f"{path}: tensors left unfilled after loading: {on_meta}")
 

@@ -33,14 +33,21 @@ def _resolve_dtype(name: str, src: Path) -> torch.dtype:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", type=Path, help="InternLM2 checkpoint directory (hub layout)")
     parser.add_argument("dst", type=Path, help="output directory for the Llama-layout copy")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weight dtype (auto: as saved)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="weight dtype (auto: as saved)"
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB"
+    )
     args = parser.parse_args(argv)
 
-    model = load_internlm2_llm(args.src, torch_dtype=_resolve_dtype(args.dtype, args.src), attn_implementation="eager")
+    dtype = _resolve_dtype(args.dtype, args.src)
+    model = load_internlm2_llm(args.src, torch_dtype=dtype, attn_implementation="eager")
     model.save_pretrained(args.dst, max_shard_size=args.max_shard_size, safe_serialization=True)
     load_internlm2_tokenizer(args.src).save_pretrained(args.dst)
     print(f"wrote a Llama-layout copy of {args.src} to {args.dst}")

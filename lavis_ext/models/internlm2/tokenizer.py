@@ -21,7 +21,14 @@ TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # InternLM2's chat and tool tokens, in vocabulary order (ids 92538..92543 in the released
 # 92544-piece model). They are ordinary pieces of the SentencePiece model.
-SPECIAL_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>")
+SPECIAL_TOKENS = (
+    "<|plugin|>",
+    "<|interpreter|>",
+    "<|action_end|>",
+    "<|action_start|>",
+    "<|im_end|>",
+    "<|im_start|>",
+)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # The hub's chat template (tokenizer_config.json of internlm2-chat-*).
 CHAT_TEMPLATE = (
@@ -52,9 +59,12 @@ class InternLM2Tokenizer:
       token, then applies a prefix-space heuristic); this wrapper never adds spaces;
     * with ``skip_special_tokens=True`` the hub decodes the remaining ids as one run, so text
       on both sides of a dropped special token is joined by the right-hand chunk's dummy
-      prefix (``"a<|im_end|>b"`` -> ``"a b"`` there, ``"ab"`` here). Text without special
-      tokens, such as a generated answer cut at its stop token, decodes identically;
-    * no ``clean_up_tokenization_spaces`` step (the hub configs disable it too).
+      prefix (``"a<|im_end|>b"`` -> ``"a b"`` there, ``"ab"`` here). A single run of text,
+      such as a generated answer cut at its stop token, decodes the same way in both;
+    * no ``clean_up_tokenization`` step (HF's removal of spaces before punctuation, e.g.
+      ``"a ."`` -> ``"a."``), so the text comes back exactly as SentencePiece decodes it.
+
+    The hub behaviour above is described from its remote code, which is not run here.
 
     Truncation keeps the left part of the text and leaves room for bos/eos, like HF's
     default ``truncation_side="right"``.
@@ -76,7 +86,8 @@ class InternLM2Tokenizer:
         self.add_eos_token = add_eos_token
         self.padding_side = padding_side
 
-        self.bos_token_id, self.eos_token_id, self.unk_token_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
+        self.unk_token_id = self.sp.unk_id()
         if min(self.bos_token_id, self.eos_token_id, self.unk_token_id) < 0:
             raise ValueError(f"{self.model_file}: the SentencePiece model must define unk, bos and eos ids")
         self.pad_token_id = self.eos_token_id
@@ -174,7 +185,9 @@ class InternLM2Tokenizer:
         parts.append(self.sp.decode(run))
         return "".join(parts)
 
-    def batch_decode(self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
 
     def __call__(
@@ -290,5 +303,5 @@ class InternLM2Tokenizer:
 
 
 def load_internlm2_tokenizer(path: str | Path) -> InternLM2Tokenizer:
-    """Load the InternLM2 tokenizer of a local checkpoint directory (see :meth:`InternLM2Tokenizer.from_pretrained`)."""
+    """Load a local checkpoint directory's tokenizer (see :meth:`InternLM2Tokenizer.from_pretrained`)."""
     return InternLM2Tokenizer.from_pretrained(path)

@@ -1,0 +1,36 @@
+"""Checkpoint helpers: atomic writes and strict loading of partial (trainable-only) weights."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a crash at any moment leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_partial_state(model: torch.nn.Module, state_dict: dict, source: str,
+                       allowed_missing: Iterable[str] = ()) -> None:
+    """Load ``state_dict`` and assert that nothing is unexpected and every missing key is allowed.
+
+    Allowed missing keys: frozen parameters (LAVIS's checkpoints leave them out), buffers, and
+    keys starting with one of ``allowed_missing`` (e.g. ``"llm."`` when stage 1 feeds stage 2).
+    """
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers()}
+    prefixes = tuple(allowed_missing)
+    not_allowed = [k for k in missing if k not in frozen and k not in buffers and not k.startswith(prefixes)]
+    if unexpected or not_allowed:
+        raise RuntimeError(f"{source}: does not match the model; unexpected keys {unexpected[:8]}, "
+                           f"missing keys {not_allowed[:8]} (allowed missing: frozen, {list(prefixes)})")

@@ -1,0 +1,320 @@
+"""BLIP-2 with an InternLM2 language model, loaded as native ``LlamaForCausalLM``.
+
+Registered in LAVIS as ``blip2_internlm``::
+
+    >>> import lavis_ext
+    >>> from lavis.models import load_model
+    >>> model = load_model("blip2_internlm", "pretrain_internlm2_1_8b", is_eval=True)
+
+The image enters the LLM once, through :meth:`Blip2InternLM.encode_images` (ViT -> Q-Former ->
+``llm_proj``) and :meth:`Blip2InternLM.build_llm_inputs` (query embeddings, then the
+bos-prefixed prompt, then the target): ``forward``, ``generate`` and ``predict_answers`` all
+go through those two methods.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
+from torch.nn.utils.rnn import pad_sequence
+
+from lavis_ext import offline
+from lavis_ext.checkpoint import load_partial_state
+from lavis_ext.constants import IGNORE_INDEX
+from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
+from lavis_ext.text import clean_answer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models" / "blip2"
+LLM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# LAVIS config keys that say how to load, not what to build
+LOADING_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
+# Stage-1 parts that stage 2 does not use: the ITC/ITM heads and the Q-Former's text side.
+STAGE1_UNUSED = ("vision_proj.", "text_proj.", "itm_head.", "temp", "Qformer.cls.",
+                 "Qformer.bert.embeddings.word_embeddings.", "Qformer.bert.embeddings.position_embeddings",
+                 "Qformer.bert.embeddings.position_ids")
+STAGE1_TEXT_FFN = re.compile(r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.")  # queries use *_query
+
+
+@dataclass
+class Blip2InternLMConfig:
+    """Everything ``Blip2InternLM`` is built from. Unknown keys raise.
+
+    Paths are local (``llm_path``: an InternLM2 or Llama checkpoint directory; ``bert_path``,
+    ``vit_path``: see :mod:`lavis_ext.offline`). The model yamls fill them from environment
+    variables; ``--options model.<key>=...`` overrides.
+    """
+
+    llm_path: str = ""
+    bert_path: str = ""
+    vit_path: str = ""
+    vit_model: str = "eva_clip_g"
+    image_size: int = 224
+    drop_path_rate: float = 0.0
+    use_grad_checkpoint: bool = False
+    vit_precision: str = "fp16"  # fp32 where there is no CUDA (patches.cpu_fp16)
+    freeze_vit: bool = True
+    freeze_llm: bool = True
+    freeze_qformer: bool = False  # for adapter/LoRA work: train only llm_proj (+ adapters)
+    num_query_token: int = 32
+    cross_attention_freq: int = 2
+    llm_dtype: str = "bf16"  # bf16 | fp16 | fp32; fp32 on CPU
+    max_txt_len: int = 32  # prompt + target tokens per sample in training
+    prompt: str = ""  # caption prompt, e.g. "a photo of"; samples["prompt"] overrides per sample
+    qa_prompt: str = "Question: {} Short answer:"
+    use_chat_template: bool = False  # wrap VQA prompts in InternLM2's chat format (chat models)
+
+    @classmethod
+    def from_lavis(cls, cfg) -> "Blip2InternLMConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: cfg[k] for k in cfg if k not in LOADING_KEYS}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {unknown}; blip2_internlm takes {sorted(known)}")
+        config = cls(**values)
+        if config.llm_dtype not in LLM_DTYPES:
+            raise ValueError(f"model.llm_dtype = {config.llm_dtype!r}: expected one of {sorted(LLM_DTYPES)}")
+        return config
+
+
+@registry.register_model("blip2_internlm")
+class Blip2InternLM(Blip2Base):
+    """BLIP-2 stage 2: frozen ViT -> Q-Former -> ``llm_proj`` -> frozen InternLM2 (as Llama)."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {  # absolute: LAVIS joins relative paths onto its own package
+        "pretrain_internlm2_1_8b": str(CONFIG_DIR / "blip2_pretrain_internlm2_1_8b.yaml"),
+        "pretrain_internlm2_chat_1_8b": str(CONFIG_DIR / "blip2_pretrain_internlm2_chat_1_8b.yaml"),
+        "pretrain_internlm2_7b": str(CONFIG_DIR / "blip2_pretrain_internlm2_7b.yaml"),
+        "tiny": str(CONFIG_DIR / "blip2_internlm2_tiny.yaml"),
+    }
+
+    def __init__(self, config: Blip2InternLMConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = offline.build_vision_encoder(
+            config.vit_model, config.vit_path, config.image_size, config.drop_path_rate, config.use_grad_checkpoint,
+            precision=config.vit_precision)
+        self.ln_vision = LayerNorm(self.visual_encoder.num_features)
+        qformer_lm, self.query_tokens = offline.build_qformer(
+            config.bert_path, config.num_query_token, self.visual_encoder.num_features, config.cross_attention_freq)
+        self.qformer = self._query_only(qformer_lm.bert)
+
+        llm_dtype = LLM_DTYPES[config.llm_dtype]
+        if llm_dtype != torch.float32 and not torch.cuda.is_available():
+            logger.info("model.llm_dtype %s without CUDA: LLM loaded in fp32", config.llm_dtype)
+            llm_dtype = torch.float32
+        self.llm_tokenizer = load_internlm2_tokenizer(offline.require_dir(config.llm_path, "model.llm_path"))
+        self.llm = load_internlm2_llm(config.llm_path, torch_dtype=llm_dtype)
+        self.llm_proj = nn.Linear(self.qformer.config.hidden_size, self.llm.config.hidden_size)
+        self.stop_token_ids = self._stop_token_ids()
+        self.set_trainable(freeze_vit=config.freeze_vit, freeze_llm=config.freeze_llm,
+                           freeze_qformer=config.freeze_qformer)
+
+    @staticmethod
+    def _query_only(bert: nn.Module) -> nn.Module:
+        """Drop the Q-Former's text side (word/position embeddings, text FFNs): queries never use it."""
+        bert.embeddings.word_embeddings = None
+        bert.embeddings.position_embeddings = None
+        for layer in bert.encoder.layer:
+            layer.intermediate = None
+            layer.output = None
+        return bert
+
+    def _stop_token_ids(self) -> list[int]:
+        """EOS, plus ``<|im_end|>`` for chat models (generation_config lists it), never ``"\\n"``."""
+        ids = [self.llm_tokenizer.eos_token_id]
+        eos = self.llm.generation_config.eos_token_id
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if self.config.use_chat_template:
+            ids += [self.llm_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        return sorted(set(ids))
+
+    # ------------------------------------------------------------------ freezing
+
+    def set_trainable(self, *, freeze_vit: bool, freeze_llm: bool, freeze_qformer: bool) -> int:
+        """The one place that freezes parts; logs and returns the trainable parameter count."""
+        frozen = {"visual_encoder": freeze_vit, "llm": freeze_llm, "qformer": freeze_qformer,
+                  "query_tokens": freeze_qformer}
+        for name, param in self.named_parameters():
+            param.requires_grad = not frozen.get(name.split(".", 1)[0], False)
+        for name in ("visual_encoder", "llm"):
+            if frozen[name]:
+                module = getattr(self, name).eval()
+                module.train = disabled_train.__get__(module)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        logger.info("blip2_internlm: %d trainable parameters of %d (frozen: %s)", trainable, total,
+                    [k for k, v in frozen.items() if v] or "none")
+        return trainable
+
+    # ------------------------------------------------------------------ the image -> LLM path
+
+    def maybe_autocast(self, dtype=torch.float16):
+        """Autocast only on CUDA (the fp16 ViT); CPU runs in fp32."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def encode_images(self, image: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> query embeddings in the LLM's space ``[B, num_query_token, H_llm]``."""
+        # step 1: the vision encoder (no graph when frozen)
+        vit_trainable = any(p.requires_grad for p in self.visual_encoder.parameters())
+        with (contextlib.nullcontext() if vit_trainable else torch.no_grad()), self.maybe_autocast():
+            image_embeds = self.visual_encoder(image)
+        image_embeds = self.ln_vision(image_embeds.float())
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        # step 2: the learned queries cross-attend to the image
+        query_output = self.qformer(
+            query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+            return_dict=True,
+        )
+        # step 3: project into the LLM's embedding space
+        return self.llm_proj(query_output.last_hidden_state).to(self.llm.dtype)
+
+    def build_llm_inputs(self, query_embeds: torch.Tensor, prompts: list[str], targets: list[str] | None = None,
+                         padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splice ``[queries][<s> prompt][target </s>]`` per sample and pad the batch.
+
+        Returns ``inputs_embeds [B, T, H]``, ``attention_mask [B, T]`` and ``labels [B, T]``,
+        where labels are ``IGNORE_INDEX`` on queries, prompt tokens and padding. Targets get the
+        LLM's EOS appended so the model learns to stop; prompt+target are truncated to
+        ``max_txt_len`` tokens. Generation uses ``padding_side="left"``.
+        """
+        tok = self.llm_tokenizer
+        embed = self.llm.get_input_embeddings()
+        device = query_embeds.device
+        n_query = query_embeds.shape[1]
+        rows, masks, labels = [], [], []
+        for i, prompt in enumerate(prompts):
+            prompt_ids = tok.encode(prompt, add_special_tokens=True)
+            target_ids = [] if targets is None else tok.encode(targets[i], add_special_tokens=False) + [tok.eos_token_id]
+            if targets is not None:
+                budget = max(self.config.max_txt_len - len(prompt_ids), 1)
+                target_ids = target_ids[:budget]
+            ids = torch.tensor(prompt_ids + target_ids, dtype=torch.long, device=device)
+            rows.append(torch.cat([query_embeds[i], embed(ids)]))
+            masks.append(torch.ones(n_query + len(ids), dtype=torch.long, device=device))
+            labels.append(torch.tensor([IGNORE_INDEX] * (n_query + len(prompt_ids)) + target_ids,
+                                       dtype=torch.long, device=device))
+        return (pad_rows(rows, padding_side, 0.0), pad_rows(masks, padding_side, 0),
+                pad_rows(labels, padding_side, IGNORE_INDEX))
+
+    def _prompts(self, samples: dict, default: str) -> list[str]:
+        batch = samples["image"].shape[0]
+        prompts = samples.get("prompt", default)
+        prompts = [prompts] * batch if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != batch:
+            raise ValueError(f"samples['prompt'] has {len(prompts)} prompts for {batch} images")
+        return prompts
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, samples: dict) -> dict:
+        """Captioning loss: ``samples["image"]``, ``samples["text_input"]`` (targets), optional ``prompt``."""
+        query_embeds = self.encode_images(samples["image"])
+        inputs_embeds, attention_mask, labels = self.build_llm_inputs(
+            query_embeds, self._prompts(samples, self.config.prompt), list(samples["text_input"]))
+        output = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                          return_dict=True)
+        return {"loss": output.loss}
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def generate(self, samples: dict, use_nucleus_sampling: bool = False, num_beams: int = 5, max_length: int = 30,
+                 min_length: int = 1, top_p: float = 0.9, repetition_penalty: float = 1.0,
+                 length_penalty: float = 1.0, num_captions: int = 1, temperature: float = 1.0) -> list[str]:
+        """Captions (``num_captions`` per image, image-major); ``max/min_length`` count new tokens."""
+        query_embeds = self.encode_images(samples["image"])
+        prompts = self._prompts(samples, self.config.prompt)
+        return self._generate_from(query_embeds, prompts, do_sample=use_nucleus_sampling, num_beams=num_beams,
+                                   max_new_tokens=max_length, min_new_tokens=min_length, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                                   num_return_sequences=num_captions, temperature=temperature)
+
+    def _generate_from(self, query_embeds: torch.Tensor, prompts: list[str], **generate_kwargs) -> list[str]:
+        inputs_embeds, attention_mask, _ = self.build_llm_inputs(query_embeds, prompts, padding_side="left")
+        if generate_kwargs.get("do_sample"):
+            generate_kwargs["num_beams"] = 1
+        else:
+            generate_kwargs.pop("top_p", None)
+            generate_kwargs.pop("temperature", None)
+        outputs = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    eos_token_id=self.stop_token_ids, pad_token_id=self.llm_tokenizer.pad_token_id,
+                                    **generate_kwargs)
+        texts = self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        return [clean_answer(t) for t in texts]
+
+    def format_question(self, question: str, template: str) -> str:
+        """``template.format(question)``, wrapped in the chat format when ``use_chat_template``."""
+        text = template.format(question)
+        if not self.config.use_chat_template:
+            return text
+        chat = self.llm_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return chat.removeprefix(self.llm_tokenizer.bos_token)  # build_llm_inputs adds the bos
+
+    @torch.no_grad()
+    def predict_answers(self, samples: dict, num_beams: int = 5, inference_method: str = "generate",
+                        max_len: int = 10, min_len: int = 1, num_ans_candidates: int = 128, answer_list=None,
+                        prompt: str = "", length_penalty: float = 0, **kwargs) -> list[str]:
+        """Open-ended VQA with LAVIS's signature: one answer string per question."""
+        if inference_method != "generate":
+            raise ValueError(f"blip2_internlm supports inference_method 'generate', got {inference_method!r}")
+        template = prompt or self.config.qa_prompt
+        questions = samples["text_input"]
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        prompts = [self.format_question(q, template) for q in questions]
+        query_embeds = self.encode_images(samples["image"])
+        return self._generate_from(query_embeds, prompts, num_beams=num_beams, max_new_tokens=max_len,
+                                   min_new_tokens=min_len, length_penalty=length_penalty, do_sample=False)
+
+    # ------------------------------------------------------------------ building and loading
+
+    @classmethod
+    def from_config(cls, cfg):
+        model = cls(Blip2InternLMConfig.from_lavis(cfg))
+        model.load_checkpoint_from_config(cfg)
+        return model
+
+    def load_from_pretrained(self, url_or_filename):
+        """Load a stage-1 checkpoint (LAVIS ``blip2`` or ``blip2_qformer_ext``) into stage 2.
+
+        ``Qformer.bert.*`` becomes ``qformer.*``; the ITC/ITM heads and the Q-Former's text side
+        are dropped on purpose. Every other key must fit, and only the LLM, ``llm_proj`` and
+        the frozen ViT may be missing.
+        """
+        state_dict = torch.load(url_or_filename, map_location="cpu", weights_only=False)["model"]
+        mapped = {}
+        for key, value in state_dict.items():
+            if key.startswith(STAGE1_UNUSED) or STAGE1_TEXT_FFN.match(key):
+                continue
+            mapped[key.replace("Qformer.bert.", "qformer.", 1)] = value
+        load_partial_state(self, mapped, f"model.pretrained = {url_or_filename}", allowed_missing=("llm.", "llm_proj."))
+        logger.info("loaded stage-1 weights from %s", url_or_filename)
+
+    def load_checkpoint(self, url_or_filename):
+        """Load a ``blip2_internlm`` checkpoint; only frozen parameters may be missing."""
+        state_dict = torch.load(url_or_filename, map_location="cpu", weights_only=False)
+        load_partial_state(self, state_dict.get("model", state_dict), f"model.finetuned = {url_or_filename}")
+        logger.info("loaded checkpoint from %s", url_or_filename)
+
+    def to_config_dict(self) -> dict:
+        return asdict(self.config)
+
+
+def pad_rows(rows: list[torch.Tensor], side: str, value) -> torch.Tensor:
+    """Stack variable-length rows ``[L_i, ...]`` into ``[B, max L, ...]``, padding left or right."""
+    if side == "right":
+        return pad_sequence(rows, batch_first=True, padding_value=value)
+    flipped = pad_sequence([r.flip(0) for r in rows], batch_first=True, padding_value=value)
+    return flipped.flip(1)
