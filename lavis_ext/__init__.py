@@ -17,6 +17,6 @@ _patches.apply_all()
 # lavis/__init__.py does not do (runner_base.py:161 then calls None).
 import lavis.common.optims  # noqa: E402,F401
 
-from lavis_ext import models, runners  # noqa: E402,F401  (registration)
+from lavis_ext import datasets, models, runners  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"

@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None, description: str) -> Namespace:
 
 def check_options(cfg: Config, options: list[str]) -> None:
     """Refuse ``--options`` keys that the config does not have (LAVIS silently adds them)."""
-    known = OmegaConf.load(cfg.args.cfg_path)
-    merged = OmegaConf.merge(known, cfg.config)
+    project = OmegaConf.load(cfg.args.cfg_path)
+    merged = OmegaConf.merge(Config.build_runner_config(project), Config.build_model_config(project),
+                             Config.build_dataset_config(project))
     for option in options:
         key = option.split("=", 1)[0]
         if "=" not in option:

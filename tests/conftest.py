@@ -51,7 +51,7 @@ def run_python(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: 
 
 
 def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0", *args],
+    return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args],
                       env, timeout=timeout)
 
 

@@ -125,6 +125,9 @@ class CaptionBuilderExt(BaseDatasetBuilder):
         for split, ann_paths in self.annotation_paths().items():
             mode = "train" if split == "train" else "eval"
             dataset_cls = self.train_dataset_cls if mode == "train" else self.eval_dataset_cls
+            for kind, processors in (("vis_processor", self.vis_processors), ("text_processor", self.text_processors)):
+                if processors[mode] is None:  # the block names processors, but not for this mode
+                    raise ValueError(f"{self.key(kind, mode)} is not set, but split {split!r} needs it")
             datasets[split] = dataset_cls(
                 vis_processor=self.vis_processors[mode],
                 text_processor=self.text_processors[mode],

@@ -160,7 +160,10 @@ class RunnerExt(RunnerBase):
         for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
             if not isinstance(dataset, Dataset) or isinstance(dataset, (list, tuple)):
                 raise TypeError("runner_ext supports map-style datasets only (no webdataset pipelines)")
-            common = dict(batch_size=bsz, num_workers=num_workers, collate_fn=collate_fn,
+            # an own generator: creating the loader iterator must not draw from the global RNG,
+            # or a resumed run would see different random numbers than the uninterrupted one
+            generator = torch.Generator().manual_seed(self.seed + get_rank())
+            common = dict(batch_size=bsz, num_workers=num_workers, collate_fn=collate_fn, generator=generator,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
             if is_train:
                 self._train_sampler = EpochSampler(len(dataset), seed=self.seed, rank=get_rank(),
