@@ -114,6 +114,14 @@ class RunnerExt(RunnerBase):
         self.output_dir, self.result_dir = output_dir, result_dir
 
     @property
+    def device(self) -> torch.device:
+        """``run.device``; ``auto`` is CUDA when available, else CPU."""
+        if self._device is None:
+            name = self.config.run_cfg.device
+            self._device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        return self._device
+
+    @property
     def model(self):
         """The model on ``run.device``, DDP-wrapped when distributed (CPU: ``device_ids=None``)."""
         if self._wrapped_model is None:

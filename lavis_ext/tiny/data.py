@@ -24,6 +24,24 @@ def draw_shape(colour: str, shape: str, size: int) -> Image.Image:
     return image
 
 
+def make_vg_caption_data(root: str | Path, num_images: int = 6, size: int = 32, seed: int = 1) -> Path:
+    """Visual Genome as upstream ships it: absolute ``/export/...`` paths in ``vg_caption.json``,
+    images split over ``<root>/images/VG_100K`` and ``VG_100K_2``. Returns the json path."""
+    rng = random.Random(seed)
+    root = Path(root)
+    annotations = []
+    for n in range(1, num_images + 1):
+        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+        folder = root / "images" / ("VG_100K" if n % 2 else "VG_100K_2")
+        folder.mkdir(parents=True, exist_ok=True)
+        draw_shape(colour, shape, size).save(folder / f"{n}.jpg")
+        annotations.append({"image": f"/export/share/datasets/vision/visual-genome/image/{n}.jpg",
+                            "caption": f"a {colour} {shape}", "image_id": f"vg_{n}"})
+    ann_path = root / "vg_caption.json"
+    ann_path.write_text(json.dumps(annotations))
+    return ann_path
+
+
 def make_caption_data(root: str | Path, num_images: int = 8, captions_per_image: int = 2, size: int = 32,
                       seed: int = 0, split: str = "train", id_prefix: str = "coco_") -> Path:
     """Write ``<root>/images/<split>/N.jpg`` and ``<root>/<split>.json``; return the json path."""
