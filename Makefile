@@ -24,3 +24,6 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+demo: $(STAMP)
+	$(PY) -m lavis_ext.demo
