@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -307,9 +307,6 @@ class Blip2InternLM(Blip2Base):
         state_dict = torch.load(url_or_filename, map_location="cpu", weights_only=False)
         load_partial_state(self, state_dict.get("model", state_dict), f"model.finetuned = {url_or_filename}")
         logger.info("loaded checkpoint from %s", url_or_filename)
-
-    def to_config_dict(self) -> dict:
-        return asdict(self.config)
 
 
 def pad_rows(rows: list[torch.Tensor], side: str, value) -> torch.Tensor:
