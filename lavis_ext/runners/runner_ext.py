@@ -308,9 +308,8 @@ class RunnerExt(RunnerBase):
             rng_states = [rng_state()]
         if is_main_process():
             model = self.unwrap_dist_model(self.model)
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-            state_dict = {k: v for k, v in model.state_dict().items() if k in trainable or k not in frozen}
+            state_dict = {k: v for k, v in model.state_dict().items() if k not in frozen}
             end_of_epoch = next_iter is None
             checkpoint = {
                 "model": state_dict,

@@ -134,7 +134,7 @@ class Blip2InternLM(Blip2Base):
         eos = self.llm.generation_config.eos_token_id
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
         if self.config.use_chat_template:
-            ids += [self.llm_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+            ids += self.llm_tokenizer.stop_token_ids
         return sorted(set(ids))
 
     # ------------------------------------------------------------------ freezing
