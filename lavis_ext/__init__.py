@@ -1,7 +1,7 @@
 """lavis-ext: BLIP-2 with InternLM2 on top of salesforce-lavis 1.0.2.
 
 ``import lavis_ext`` applies the documented fixes in :mod:`patches` (before LAVIS is
-imported) and registers lavis-ext's models, builders and runner in LAVIS's registry.
+imported) and registers lavis-ext's models, builders, tasks and runner in LAVIS's registry.
 LAVIS's own models keep working as before.
 """
 import warnings
@@ -17,6 +17,6 @@ _patches.apply_all()
 # lavis/__init__.py does not do (runner_base.py:161 then calls None).
 import lavis.common.optims  # noqa: E402,F401
 
-from lavis_ext import datasets, models, runners  # noqa: E402,F401  (registration)
+from lavis_ext import datasets, models, runners, tasks  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"

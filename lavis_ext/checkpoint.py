@@ -1,22 +1,33 @@
-"""Checkpoint helpers: atomic writes and strict loading of partial (trainable-only) weights."""
+"""Checkpoint and output helpers: atomic writes and strict loading of partial (trainable-only) weights."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash at any moment leaves the old file intact."""
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Call ``write(file)`` on a temporary file, then rename it onto ``path``: a crash at any
+    moment leaves the old file intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path``, atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_partial_state(model: torch.nn.Module, state_dict: dict, source: str,

@@ -28,6 +28,7 @@ PATCHES = (
     "dist_init_gloo",
     "prefetch_loader_cpu",
     "logger_cpu_sync",
+    "model_type_option",
 )
 
 SKIP_ENV = "LAVIS_EXT_SKIP_PATCHES"

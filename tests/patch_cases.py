@@ -137,6 +137,17 @@ def case_logger_sync():
     assert value.count == 2 and value.global_avg == 3.0
 
 
+def case_model_type_option():
+    import argparse
+
+    import lavis_ext  # noqa: F401
+    from lavis.common.config import Config
+
+    args = argparse.Namespace(cfg_path="lavis_ext/projects/blip2/train/pretrain_stage2_internlm2_1_8b.yaml",
+                              options=["model.model_type=pretrain_internlm2_chat_1_8b"])
+    assert Config(args).model_cfg.use_chat_template is True
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

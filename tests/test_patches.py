@@ -20,6 +20,7 @@ PATCH_CASES = {
     "dist_init_gloo": "dist_init_cpu",
     "prefetch_loader_cpu": "prefetch_loader",
     "logger_cpu_sync": "logger_sync",
+    "model_type_option": "model_type_option",
 }
 
 

@@ -1,6 +1,7 @@
 """lavis-ext's dataset builders; importing this package registers ``coco_caption_ext`` and ``vg_caption_ext``."""
 from lavis_ext.datasets import builders  # noqa: F401  (registers the builders)
 from lavis_ext.datasets.builders import COCOCaptionBuilderExt, VGCaptionBuilderExt
-from lavis_ext.datasets.caption import CaptionDatasetExt, DataError, VGCaptionDatasetExt
+from lavis_ext.datasets.base import DataError
+from lavis_ext.datasets.caption import CaptionDatasetExt, VGCaptionDatasetExt
 
 __all__ = ["COCOCaptionBuilderExt", "VGCaptionBuilderExt", "CaptionDatasetExt", "VGCaptionDatasetExt", "DataError"]

@@ -1,7 +1,8 @@
-"""``coco_caption_ext`` and ``vg_caption_ext``: offline caption builders with checked paths.
+"""Offline builders with checked paths: ``coco_caption_ext``, ``vg_caption_ext`` (captions),
+``coco_vqa_ext``, ``ok_vqa_ext`` and ``gqa_ext`` (zero-shot VQA evaluation).
 
-Registered under new names next to LAVIS's ``coco_caption``/``vg_caption``, which stay as
-they are. Same YAML conventions as LAVIS (``build_info.annotations.<split>.storage``,
+Registered under new names next to LAVIS's ``coco_caption``/``vg_caption``/``coco_vqa``/
+``ok_vqa``/``gqa``, which stay as they are. Same YAML conventions as LAVIS (``build_info.annotations.<split>.storage``,
 ``build_info.images.storage``; relative paths are joined to ``registry.get_path("cache_root")``),
 and same processors. What differs from ``lavis/datasets/builders/base_dataset_builder.py``:
 
@@ -11,8 +12,9 @@ and same processors. What differs from ``lavis/datasets/builders/base_dataset_bu
 - ``_download_vis`` (``:152-163``) only warned about a missing image directory; here it raises.
 - ``build_datasets`` (``:43-56``) checked on rank 0 only; here every rank checks its own disk.
 - ``build`` (``:220``) called ``eval_dataset_cls(...)`` even when it was ``None`` (``vg_caption``
-  val: TypeError). Here eval splits (val/test) use the same dataset class as train, with the
-  eval processors, so a configured VG val split works.
+  val: TypeError). Here caption eval splits (val/test) use the same dataset class as train,
+  with the eval processors, so a configured VG val split works; the VQA builders are for
+  evaluation only, and a ``train`` split is refused by name.
 - The project block is merged onto the builder's default yaml, so a builder made from a bare
   ``datasets.<name>`` block behaves as one built through ``lavis.common.config.Config``.
 
@@ -31,6 +33,7 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder, loa
 from omegaconf import ListConfig, OmegaConf
 
 from lavis_ext.datasets.caption import CaptionDatasetExt, VGCaptionDatasetExt
+from lavis_ext.datasets.vqa import GQAEvalDatasetExt, VQAEvalDatasetExt
 from lavis_ext.offline import require_dir, require_file
 
 logger = logging.getLogger(__name__)
@@ -41,8 +44,8 @@ SPLITS = ("train", "val", "test")
 LAVIS_KEYS = frozenset({"data_type", "build_info", "vis_processor", "text_processor", "type", "dataset_card", "data_dir"})
 
 
-class CaptionBuilderExt(BaseDatasetBuilder):
-    """Offline caption builder; subclasses set ``NAME`` (via :func:`_register`) and the dataset class."""
+class OfflineBuilderExt(BaseDatasetBuilder):
+    """Offline builder; subclasses set ``NAME`` (via :func:`_register`) and the dataset classes."""
 
     NAME = ""
     train_dataset_cls = eval_dataset_cls = CaptionDatasetExt
@@ -72,11 +75,16 @@ class CaptionBuilderExt(BaseDatasetBuilder):
         annotations = self.config.build_info.get("annotations")
         if not annotations:
             raise ValueError(f"{self.key('build_info.annotations')} is not set")
-        paths = {}
-        for split, info in annotations.items():
+        for split in annotations:  # refuse splits that cannot be built before looking at any file
             key = self.key("build_info.annotations", split)
             if split not in SPLITS:
                 raise ValueError(f"{key}: unknown split {split!r}; expected one of {list(SPLITS)}")
+            if (self.train_dataset_cls if split == "train" else self.eval_dataset_cls) is None:
+                raise ValueError(f"{key}: {self.NAME} has no {'train' if split == 'train' else 'eval'} dataset "
+                                 f"(it is for {'evaluation' if split == 'train' else 'training'} only)")
+        paths = {}
+        for split, info in annotations.items():
+            key = self.key("build_info.annotations", split)
             if info.get("url"):
                 logger.warning("%s.url is ignored: lavis-ext never downloads; the file must be at storage", key)
             storage = info.get("storage")
@@ -139,25 +147,47 @@ class CaptionBuilderExt(BaseDatasetBuilder):
         return datasets
 
 
-def _register(name: str, config: str):
+def _register(name: str, config: str, **typed_configs: str):
+    """Register under ``name``; ``config`` is the default yaml, ``typed_configs`` those a block's ``type:`` selects."""
     def wrap(cls):
         cls.NAME = name
-        cls.DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / config)}
+        cls.DATASET_CONFIG_DICT = {t: str(CONFIG_DIR / c) for t, c in dict(typed_configs, default=config).items()}
         return registry.register_builder(name)(cls)
 
     return wrap
 
 
-@_register("coco_caption_ext", "coco/caption_ext.yaml")
-class COCOCaptionBuilderExt(CaptionBuilderExt):
-    """COCO (Karpathy) captions; ``image_id`` as the annotation gives it."""
+@_register("coco_caption_ext", "coco/caption_ext.yaml", eval="coco/caption_eval_ext.yaml")
+class COCOCaptionBuilderExt(OfflineBuilderExt):
+    """COCO (Karpathy) captions; ``image_id`` as the annotation gives it. ``type: eval``: the test split only."""
 
     train_dataset_cls = eval_dataset_cls = CaptionDatasetExt
 
 
 @_register("vg_caption_ext", "vg/caption_ext.yaml")
-class VGCaptionBuilderExt(CaptionBuilderExt):
+class VGCaptionBuilderExt(OfflineBuilderExt):
     """Visual Genome captions from upstream ``vg_caption.json``, images under ``VG_100K``/``VG_100K_2``."""
 
     train_dataset_cls = eval_dataset_cls = VGCaptionDatasetExt
     DATASET_KEYS = ("max_bad_image_fraction", "max_missing_fraction")
+
+
+@_register("coco_vqa_ext", "coco/vqa_eval_ext.yaml")
+class COCOVQABuilderExt(OfflineBuilderExt):
+    """VQAv2 evaluation in LAVIS's ``coco_vqa`` format (eval list, answer list, official questions/annotations)."""
+
+    train_dataset_cls = None
+    eval_dataset_cls = VQAEvalDatasetExt
+
+
+@_register("ok_vqa_ext", "okvqa/eval_ext.yaml")
+class OKVQABuilderExt(COCOVQABuilderExt):
+    """OK-VQA evaluation, same format as VQAv2."""
+
+
+@_register("gqa_ext", "gqa/balanced_testdev_ext.yaml")
+class GQABuilderExt(OfflineBuilderExt):
+    """GQA evaluation (balanced testdev by default): questions with their answers."""
+
+    train_dataset_cls = None
+    eval_dataset_cls = GQAEvalDatasetExt

@@ -122,10 +122,10 @@ class RunnerExt(RunnerBase):
 
     @property
     def model(self):
-        """The model on ``run.device``, DDP-wrapped when distributed (CPU: ``device_ids=None``)."""
+        """The model on ``run.device``, DDP-wrapped when training distributed (CPU: ``device_ids=None``)."""
         if self._wrapped_model is None:
             self._model = self._model.to(self.device)
-            if self.use_distributed:
+            if self.use_distributed and not self.evaluate_only:
                 device_ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
                 find_unused = bool(self.config.run_cfg.get("find_unused_parameters", False))
                 self._wrapped_model = DDP(self._model, device_ids=device_ids,
@@ -133,6 +133,9 @@ class RunnerExt(RunnerBase):
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    def unwrap_dist_model(self, model):
+        return model.module if isinstance(model, DDP) else model
 
     @property
     def amp_dtype(self) -> torch.dtype | None:

@@ -1,8 +1,9 @@
-"""Tiny image-caption files in LAVIS's formats, generated on the fly for tests.
+"""Tiny image-caption and VQA files in LAVIS's formats, generated on the fly for tests.
 
-``make_caption_data`` writes COCO-Karpathy-style annotations (``image``, ``caption``,
-``image_id``) and small JPEGs with coloured shapes, so LAVIS's builders read them exactly
-as they read COCO.
+Small JPEGs with one coloured shape, and annotations that LAVIS's builders read exactly as they
+read the real sets: COCO-Karpathy captions (``make_caption_data``), Visual Genome with upstream
+absolute paths (``make_vg_caption_data``), VQAv2 in the ``coco_vqa`` eval format with the official
+question/annotation files (``make_vqa_data``, ``write_vqa_files``) and GQA (``make_gqa_data``).
 """
 from __future__ import annotations
 
@@ -42,21 +43,84 @@ def make_vg_caption_data(root: str | Path, num_images: int = 6, size: int = 32, 
     return ann_path
 
 
-def make_caption_data(root: str | Path, num_images: int = 8, captions_per_image: int = 2, size: int = 32,
-                      seed: int = 0, split: str = "train", id_prefix: str = "coco_") -> Path:
-    """Write ``<root>/images/<split>/N.jpg`` and ``<root>/<split>.json``; return the json path."""
+def _shape_images(root: Path, split: str, num_images: int, size: int, seed: int) -> list[tuple[str, str, str]]:
+    """Draw ``num_images`` single-shape images under ``<root>/images/<split>/``; return (path, colour, shape)."""
     rng = random.Random(seed)
-    root = Path(root)
-    image_dir = root / "images" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    annotations = []
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    drawn = []
     for n in range(num_images):
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
         name = f"{split}/{n}.jpg"
         draw_shape(colour, shape, size).save(root / "images" / name)
+        drawn.append((name, colour, shape))
+    return drawn
+
+
+def make_caption_data(root: str | Path, num_images: int = 8, captions_per_image: int = 2, size: int = 32,
+                      seed: int = 0, split: str = "train", id_prefix: str = "coco_") -> Path:
+    """Write ``<root>/images/<split>/N.jpg`` and ``<root>/<split>.json``; return the json path."""
+    root = Path(root)
+    annotations = []
+    for n, (name, colour, shape) in enumerate(_shape_images(root, split, num_images, size, seed)):
         for template in ("a {c} {s}", "a picture of a {c} {s}")[:captions_per_image]:
             annotations.append({"image": name, "caption": template.format(c=colour, s=shape),
                                 "image_id": f"{id_prefix}{n}"})
     ann_path = root / f"{split}.json"
     ann_path.write_text(json.dumps(annotations))
     return ann_path
+
+
+def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list[Path]:
+    """Write LAVIS ``coco_vqa`` eval files for ``questions`` and return their paths in builder order.
+
+    Each question is ``{"question_id", "image_id", "image", "question", "answers": [10 str],
+    "answer_type", "question_type"}``. Files: ``vqa_<split>_eval.json`` (LAVIS's eval list),
+    ``answer_list.json``, and the official ``<split>_questions.json`` / ``<split>_annotations.json``
+    that VQAEval reads (with the header keys its ``loadRes`` copies).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    header = {"info": {"description": "lavis-ext generated VQA"}, "license": {"name": "none"},
+              "data_type": "mscoco", "data_subtype": split}
+    eval_list = [{"question_id": q["question_id"], "question": q["question"], "image": q["image"],
+                  "answer": q["answers"]} for q in questions]
+    official_questions = dict(header, task_type="Open-Ended", questions=[
+        {"image_id": q["image_id"], "question": q["question"], "question_id": q["question_id"]} for q in questions])
+    annotations = dict(header, annotations=[
+        {"question_id": q["question_id"], "image_id": q["image_id"], "question_type": q["question_type"],
+         "answer_type": q["answer_type"], "multiple_choice_answer": max(set(q["answers"]), key=q["answers"].count),
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q["answers"])]}
+        for q in questions])
+    files = {f"vqa_{split}_eval.json": eval_list,
+             "answer_list.json": sorted({a for q in questions for a in q["answers"]}),
+             f"{split}_questions.json": official_questions, f"{split}_annotations.json": annotations}
+    for name, content in files.items():
+        (root / name).write_text(json.dumps(content))
+    return [root / name for name in files]
+
+
+def make_vqa_data(root: str | Path, num_images: int = 4, size: int = 32, seed: int = 0, split: str = "val") -> list[Path]:
+    """Images plus three questions each (other / yes/no / number) in ``coco_vqa`` eval format."""
+    root = Path(root)
+    questions = []
+    for n, (image, colour, shape) in enumerate(_shape_images(root, split, num_images, size, seed)):
+        asked = [("what color is the shape?", colour, "other", "what color"),
+                 ("is it a circle?", "yes" if shape == "circle" else "no", "yes/no", "is it"),
+                 ("how many shapes are there?", "1", "number", "how many")]
+        for k, (question, answer, answer_type, question_type) in enumerate(asked):
+            questions.append({"question_id": 10 * n + k, "image_id": n, "image": image, "question": question,
+                              "answers": [answer] * 10, "answer_type": answer_type, "question_type": question_type})
+    return write_vqa_files(root, split, questions)
+
+
+def make_gqa_data(root: str | Path, num_images: int = 4, size: int = 32, seed: int = 0, split: str = "val") -> Path:
+    """Images and GQA-style questions (string ids, one answer each) as LAVIS's GQA json; return its path."""
+    root = Path(root)
+    records = []
+    for n, (image, colour, shape) in enumerate(_shape_images(root, split, num_images, size, seed)):
+        records += [{"question_id": f"{n}0", "image": image, "question": "What color is the shape?", "answer": colour},
+                    {"question_id": f"{n}1", "image": image, "question": "Is it a square?",
+                     "answer": "yes" if shape == "square" else "no"}]
+    path = root / f"{split}_balanced_questions.json"
+    path.write_text(json.dumps(records))
+    return path

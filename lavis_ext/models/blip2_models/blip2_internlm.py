@@ -29,7 +29,7 @@ from lavis_ext import offline
 from lavis_ext.checkpoint import load_partial_state
 from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
-from lavis_ext.text import clean_answer
+from lavis_ext.text import clean_answer, english_pipeline, lemmatize
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Blip2InternLMConfig:
     prompt: str = ""  # caption prompt, e.g. "a photo of"; samples["prompt"] overrides per sample
     qa_prompt: str = "Question: {} Short answer:"
     use_chat_template: bool = False  # wrap VQA prompts in InternLM2's chat format (chat models)
+    apply_lemmatizer: bool = False  # lemmatise VQA answers with spaCy (OK-VQA, as LAVIS's blip2_t5)
 
     @classmethod
     def from_lavis(cls, cfg) -> "Blip2InternLMConfig":
@@ -275,14 +276,18 @@ class Blip2InternLM(Blip2Base):
         questions = [questions] if isinstance(questions, str) else list(questions)
         prompts = [self.format_question(q, template) for q in questions]
         query_embeds = self.encode_images(samples["image"])
-        return self._generate_from(query_embeds, prompts, num_beams=num_beams, max_new_tokens=max_len,
-                                   min_new_tokens=min_len, length_penalty=length_penalty, do_sample=False)
+        answers = self._generate_from(query_embeds, prompts, num_beams=num_beams, max_new_tokens=max_len,
+                                      min_new_tokens=min_len, length_penalty=length_penalty, do_sample=False)
+        return lemmatize(answers) if self.config.apply_lemmatizer else answers
 
     # ------------------------------------------------------------------ building and loading
 
     @classmethod
     def from_config(cls, cfg):
-        model = cls(Blip2InternLMConfig.from_lavis(cfg))
+        config = Blip2InternLMConfig.from_lavis(cfg)
+        if config.apply_lemmatizer:
+            english_pipeline()  # a missing spaCy model fails here, before any weights load
+        model = cls(config)
         model.load_checkpoint_from_config(cfg)
         return model
 

@@ -1,0 +1,170 @@
+"""The checked image + annotation dataset that lavis-ext's caption and VQA datasets share.
+
+Replaces, for lavis-ext's builders only, ``lavis/datasets/datasets/base_dataset.py``
+``BaseDataset.__init__``, which read the annotation json with a bare ``json.load``: a missing
+key or image surfaced as a KeyError/FileNotFoundError deep in a worker. Here every record is
+checked at load time and bad data raises :class:`DataError`, naming the file and the record;
+an undecodable image names its path.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from lavis.datasets.datasets.base_dataset import BaseDataset
+from PIL import Image
+from torch.utils.data.dataloader import default_collate
+
+from lavis_ext.offline import require_file
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad dataset content; the message names the file, and the record where there is one."""
+
+
+@dataclass(frozen=True)
+class AnnSource:
+    """Where an annotation record came from."""
+
+    file: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.file} record {self.index}"
+
+
+def read_json(path, what: str = "annotation file"):
+    """Parse a JSON file; a missing file or bad JSON raises naming the file (and the position)."""
+    path = require_file(str(path), what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} "
+                        f"(char {exc.pos}): {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from exc
+
+
+class ImageDatasetExt(BaseDataset):
+    """Records ``{"image", ...}`` from JSON-list annotation files, each with one image.
+
+    Subclasses set ``REQUIRED_KEYS``, may extend :meth:`check_record`, and build a sample
+    from a record and its decoded image in :meth:`_sample`.
+
+    Args:
+        vis_processor, text_processor: LAVIS processors (train or eval ones, by split).
+        vis_root (str): images are opened at ``join(vis_root, record["image"])``.
+        ann_paths (list[str]): the annotation files (only the first ``NUM_RECORD_FILES`` hold records).
+        max_bad_image_fraction (float, default 0.0): how many undecodable/missing images
+            (distinct files, as a fraction of ``len(self)``) are skipped, each replaced by
+            the next valid sample, before one raises. Counted per process (per worker).
+        name (str): used in logs, e.g. ``"coco_caption_ext/train"``.
+    """
+
+    REQUIRED_KEYS: tuple[str, ...] = ("image",)
+    LIST_KEYS: tuple[str, ...] = ()  # sample keys the collater keeps as plain lists (ids, answers)
+    NUM_RECORD_FILES: int | None = None  # None: every annotation file holds records
+
+    def __init__(self, vis_processor, text_processor, vis_root, ann_paths, *,
+                 max_bad_image_fraction: float = 0.0, name: str = ""):
+        # BaseDataset.__init__ is not called: it reads the json without any checks.
+        self.name = name or type(self).__name__
+        self.vis_root = str(vis_root)
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.max_bad_image_fraction = float(max_bad_image_fraction)
+        self._bad_images: dict[str, str] = {}  # image path -> why it was skipped
+
+        annotations, sources = self.load_annotations(list(ann_paths)[:self.NUM_RECORD_FILES])
+        self.annotation, self.sources = self._select(annotations, sources)
+        self._add_instance_ids()
+
+    @classmethod
+    def check_record(cls, record, source: AnnSource) -> None:
+        if not isinstance(record, dict):
+            raise DataError(f"{source}: expected an object with keys {list(cls.REQUIRED_KEYS)}, "
+                            f"got {type(record).__name__}")
+        for key in cls.REQUIRED_KEYS:
+            if key not in record:
+                raise DataError(f"{source}: missing required key {key!r} (has {sorted(record)})")
+        if not isinstance(record["image"], str):
+            raise DataError(f"{source}: 'image' must be a path string, got {record['image']!r}")
+
+    @classmethod
+    def load_annotations(cls, ann_paths) -> tuple[list[dict], list[AnnSource]]:
+        """Read and check every record of every annotation file (a JSON list of objects)."""
+        annotations, sources = [], []
+        for ann_path in ann_paths:
+            records = read_json(ann_path)
+            if not isinstance(records, list):
+                raise DataError(f"{ann_path}: expected a JSON list of records, got {type(records).__name__}")
+            for index, record in enumerate(records):
+                source = AnnSource(str(ann_path), index)
+                cls.check_record(record, source)
+                annotations.append(record)
+                sources.append(source)
+        if not annotations:
+            raise DataError(f"no annotation records in {[str(p) for p in ann_paths]}")
+        return annotations, sources
+
+    def _select(self, annotations: list[dict], sources: list[AnnSource]):
+        """Hook for subclasses: rewrite or drop records at load time."""
+        return annotations, sources
+
+    @property
+    def bad_images(self) -> int:
+        """How many distinct bad image files this process has skipped."""
+        return len(self._bad_images)
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.vis_root, self.annotation[index]["image"])
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError as exc:
+            raise DataError(f"image file not found: {path} (from {self.sources[index]})") from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot decode image {path}: {exc} (from {self.sources[index]})") from exc
+
+    def __getitem__(self, index: int) -> dict:
+        # A bad image is replaced by the next valid sample (deterministic), within the budget.
+        n = len(self)
+        for step in range(n):
+            i = (index + step) % n
+            path = self.image_path(i)
+            if path in self._bad_images:
+                continue
+            try:
+                image = self.load_image(i)
+            except DataError as err:
+                self._count_bad_image(path, err)
+                continue
+            return self._sample(i, image)
+        raise DataError(f"{self.name}: none of the {n} samples has a usable image under {self.vis_root}")
+
+    def _count_bad_image(self, path: str, err: DataError) -> None:
+        allowed = self.max_bad_image_fraction * len(self)
+        count = len(self._bad_images) + 1
+        if count > allowed:
+            raise DataError(f"{err}; {count} bad image(s) among {len(self)} samples of {self.name} exceed "
+                            f"max_bad_image_fraction = {self.max_bad_image_fraction}") from err
+        self._bad_images[path] = str(err)
+        logger.warning("%s: skipping bad image %d (at most %d allowed): %s", self.name, count, int(allowed), err)
+
+    def _sample(self, index: int, image: Image.Image) -> dict:
+        raise NotImplementedError
+
+    def collater(self, samples: list[dict]) -> dict:
+        """``default_collate``, except ``LIST_KEYS`` stay lists of the values as given."""
+        keep = [k for k in self.LIST_KEYS if samples and k in samples[0]]
+        batch = default_collate([{k: v for k, v in s.items() if k not in keep} for s in samples])
+        for key in keep:
+            batch[key] = [s[key] for s in samples]
+        return batch

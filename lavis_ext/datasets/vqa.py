@@ -1,0 +1,70 @@
+"""VQA evaluation datasets (VQAv2/OK-VQA in LAVIS's ``coco_vqa`` format, GQA) with checked files.
+
+Same annotation formats as LAVIS 1.0.2, read with the checks of
+:class:`~lavis_ext.datasets.base.ImageDatasetExt`:
+
+- ``coco_vqa`` eval (``lavis/datasets/datasets/coco_vqa_datasets.py`` ``COCOVQAEvalDataset``):
+  four files, in order: the eval list ``[{"question_id", "question", "image", ["answer"]}]``,
+  the answer list, and the official questions and annotations files that VQAEval scores
+  against. Upstream silently set ``answer_list = None`` when its file was missing and
+  skipped the official files when fewer were given; here each configured file must exist.
+- GQA (``gqa_datasets.py`` ``GQAEvalDataset``): ``[{"question_id", "question", "image", "answer"}]``
+  and optionally an answer list.
+
+Question ids stay as the annotation gives them (GQA's are strings such as ``"20968379"``;
+upstream's ``VQATask.valid_step`` called ``.item()`` on them).
+"""
+from __future__ import annotations
+
+from PIL import Image
+
+from lavis_ext.datasets.base import AnnSource, DataError, ImageDatasetExt, read_json
+
+
+class VQAEvalDatasetExt(ImageDatasetExt):
+    """``ann_paths = [eval list, answer list, official questions, official annotations]``."""
+
+    REQUIRED_KEYS = ("image", "question", "question_id")
+    LIST_KEYS = ("question_id",)
+    NUM_RECORD_FILES = 1
+
+    def __init__(self, vis_processor, text_processor, vis_root, ann_paths, **kwargs):
+        super().__init__(vis_processor, text_processor, vis_root, ann_paths, **kwargs)
+        extra = list(ann_paths)[1:]
+        self.answer_list = read_json(extra[0], "answer list") if extra else None
+        # VQATask.build_datasets reads these two to score with the official VQA evaluation
+        self.coco_fmt_qust_file = str(extra[1]) if len(extra) > 1 else None
+        self.coco_fmt_anno_file = str(extra[2]) if len(extra) > 2 else None
+        self.questions = {ann["question_id"]: ann["question"] for ann in self.annotation}
+
+    @classmethod
+    def check_record(cls, record, source: AnnSource) -> None:
+        super().check_record(record, source)
+        if not isinstance(record["question"], str):
+            raise DataError(f"{source}: 'question' must be a string, got {record['question']!r}")
+        if not isinstance(record["question_id"], (int, str)):
+            raise DataError(f"{source}: 'question_id' must be an int or a string, got {record['question_id']!r}")
+
+    def _sample(self, index: int, image: Image.Image) -> dict:
+        ann = self.annotation[index]
+        return {
+            "image": self.vis_processor(image),
+            "text_input": self.text_processor(ann["question"]),
+            "question_id": ann["question_id"],
+        }
+
+
+class GQAEvalDatasetExt(VQAEvalDatasetExt):
+    """``ann_paths = [questions with answers, (answer list)]``; samples carry the true ``answer``."""
+
+    REQUIRED_KEYS = ("image", "question", "question_id", "answer")
+    LIST_KEYS = ("question_id", "answer")
+
+    @classmethod
+    def check_record(cls, record, source: AnnSource) -> None:
+        super().check_record(record, source)
+        if not isinstance(record["answer"], str):
+            raise DataError(f"{source}: 'answer' must be a string, got {record['answer']!r}")
+
+    def _sample(self, index: int, image: Image.Image) -> dict:
+        return {**super()._sample(index, image), "answer": self.annotation[index]["answer"]}
