@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from lavis_ext.tasks.captioning import score_captions
 from lavis_ext.tasks.common import gather_unique
@@ -124,3 +125,22 @@ def test_gather_unique_drops_sampler_padding_and_checks_ids():
         gather_unique(rows, "question_id", [1, 2, 3])
     with pytest.raises(RuntimeError, match="1 unknown"):
         gather_unique(rows, "question_id", [1])
+
+
+def test_vqa_task_passes_generation_settings_from_the_run_config():
+    from lavis_ext.tasks.vqa import VQATaskExt
+
+    cfg = SimpleNamespace(run_cfg=OmegaConf.create({"num_beams": 3, "max_len": 7, "min_len": 2, "length_penalty": -1,
+                                                    "inference_method": "generate", "prompt": "Q: {} A:"}))
+    task = VQATaskExt.setup_task(cfg)
+
+    class Recorder:
+        def predict_answers(self, samples, **kwargs):
+            self.kwargs = kwargs
+            return ["yes"] * len(samples["text_input"])
+
+    model = Recorder()
+    rows = task.valid_step(model, {"text_input": ["is it?", "is it not?"], "question_id": ["a", "b"]})
+    assert rows == [{"question_id": "a", "answer": "yes"}, {"question_id": "b", "answer": "yes"}]
+    assert {k: model.kwargs[k] for k in ("num_beams", "max_len", "min_len", "length_penalty", "prompt")} == \
+        {"num_beams": 3, "max_len": 7, "min_len": 2, "length_penalty": -1.0, "prompt": "Q: {} A:"}

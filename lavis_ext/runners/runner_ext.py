@@ -4,7 +4,8 @@ Registered under a new name; our project YAMLs select it with ``run.runner: runn
 What it changes in ``lavis/runners/runner_base.py`` (1.0.2):
 
 - ``model`` (``:85-95``) wrapped the model only if it was not yet on the device, so on CPU
-  it returned ``None``; DDP got ``device_ids=[gpu]`` even without GPUs.
+  it returned ``None``; DDP got ``device_ids=[gpu]`` even without GPUs. Evaluation-only runs
+  are not wrapped at all (each rank predicts its shard; the tasks gather the results).
 - ``train`` (``:406``) called ``dist.barrier()`` without a process group.
 - ``_save_checkpoint`` (``:571-579``) dropped frozen weights, but ``_load_checkpoint``
   (``:628``) loaded strictly, so resuming from LAVIS's own checkpoints failed. Here the
