@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
+from lavis_ext.datasets.vqa import write_vqa_files
 from lavis_ext.tasks.captioning import score_captions
 from lavis_ext.tasks.common import gather_unique
 from lavis_ext.tasks.vqa import GQATaskExt, normalize_answer, score_vqa
-from lavis_ext.tiny.data import write_vqa_files
 
 
 def soft_accuracy(matching: int) -> float:

@@ -1,4 +1,5 @@
-"""VQA evaluation datasets (VQAv2/OK-VQA in LAVIS's ``coco_vqa`` format, GQA) with checked files.
+"""VQA evaluation datasets (VQAv2/OK-VQA in LAVIS's ``coco_vqa`` format, GQA) with checked files,
+and :func:`write_vqa_files`, which writes that format (for generated data).
 
 Same annotation formats as LAVIS 1.0.2, read with the checks of
 :class:`~lavis_ext.datasets.base.ImageDatasetExt`:
@@ -15,6 +16,9 @@ Question ids stay as the annotation gives them (GQA's are strings such as ``"209
 upstream's ``VQATask.valid_step`` called ``.item()`` on them).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from PIL import Image
 
@@ -68,3 +72,32 @@ class GQAEvalDatasetExt(VQAEvalDatasetExt):
 
     def _sample(self, index: int, image: Image.Image) -> dict:
         return {**super()._sample(index, image), "answer": self.annotation[index]["answer"]}
+
+
+def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list[Path]:
+    """Write LAVIS ``coco_vqa`` eval files for ``questions`` and return their paths in builder order.
+
+    Each question is ``{"question_id", "image_id", "image", "question", "answers": [10 str],
+    "answer_type", "question_type"}``. Files: ``vqa_<split>_eval.json`` (LAVIS's eval list),
+    ``answer_list.json``, and the official ``<split>_questions.json`` / ``<split>_annotations.json``
+    that VQAEval reads (with the header keys its ``loadRes`` copies).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    header = {"info": {"description": "lavis-ext generated VQA"}, "license": {"name": "none"},
+              "data_type": "mscoco", "data_subtype": split}
+    eval_list = [{"question_id": q["question_id"], "question": q["question"], "image": q["image"],
+                  "answer": q["answers"]} for q in questions]
+    official_questions = dict(header, task_type="Open-Ended", questions=[
+        {"image_id": q["image_id"], "question": q["question"], "question_id": q["question_id"]} for q in questions])
+    annotations = dict(header, annotations=[
+        {"question_id": q["question_id"], "image_id": q["image_id"], "question_type": q["question_type"],
+         "answer_type": q["answer_type"], "multiple_choice_answer": max(set(q["answers"]), key=q["answers"].count),
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q["answers"])]}
+        for q in questions])
+    files = {f"vqa_{split}_eval.json": eval_list,
+             "answer_list.json": sorted({a for q in questions for a in q["answers"]}),
+             f"{split}_questions.json": official_questions, f"{split}_annotations.json": annotations}
+    for name, content in files.items():
+        (root / name).write_text(json.dumps(content))
+    return [root / name for name in files]

@@ -3,7 +3,7 @@
 Small JPEGs with one coloured shape, and annotations that LAVIS's builders read exactly as they
 read the real sets: COCO-Karpathy captions (``make_caption_data``), Visual Genome with upstream
 absolute paths (``make_vg_caption_data``), VQAv2 in the ``coco_vqa`` eval format with the official
-question/annotation files (``make_vqa_data``, ``write_vqa_files``) and GQA (``make_gqa_data``).
+question/annotation files (``make_vqa_data``) and GQA (``make_gqa_data``).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from lavis_ext.datasets.vqa import write_vqa_files
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
@@ -68,35 +70,6 @@ def make_caption_data(root: str | Path, num_images: int = 8, captions_per_image:
     ann_path = root / f"{split}.json"
     ann_path.write_text(json.dumps(annotations))
     return ann_path
-
-
-def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list[Path]:
-    """Write LAVIS ``coco_vqa`` eval files for ``questions`` and return their paths in builder order.
-
-    Each question is ``{"question_id", "image_id", "image", "question", "answers": [10 str],
-    "answer_type", "question_type"}``. Files: ``vqa_<split>_eval.json`` (LAVIS's eval list),
-    ``answer_list.json``, and the official ``<split>_questions.json`` / ``<split>_annotations.json``
-    that VQAEval reads (with the header keys its ``loadRes`` copies).
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    header = {"info": {"description": "lavis-ext generated VQA"}, "license": {"name": "none"},
-              "data_type": "mscoco", "data_subtype": split}
-    eval_list = [{"question_id": q["question_id"], "question": q["question"], "image": q["image"],
-                  "answer": q["answers"]} for q in questions]
-    official_questions = dict(header, task_type="Open-Ended", questions=[
-        {"image_id": q["image_id"], "question": q["question"], "question_id": q["question_id"]} for q in questions])
-    annotations = dict(header, annotations=[
-        {"question_id": q["question_id"], "image_id": q["image_id"], "question_type": q["question_type"],
-         "answer_type": q["answer_type"], "multiple_choice_answer": max(set(q["answers"]), key=q["answers"].count),
-         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q["answers"])]}
-        for q in questions])
-    files = {f"vqa_{split}_eval.json": eval_list,
-             "answer_list.json": sorted({a for q in questions for a in q["answers"]}),
-             f"{split}_questions.json": official_questions, f"{split}_annotations.json": annotations}
-    for name, content in files.items():
-        (root / name).write_text(json.dumps(content))
-    return [root / name for name in files]
 
 
 def make_vqa_data(root: str | Path, num_images: int = 4, size: int = 32, seed: int = 0, split: str = "val") -> list[Path]:
