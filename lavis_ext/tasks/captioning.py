@@ -62,16 +62,9 @@ class CaptionTaskExt(EvalTaskMixin, CaptionTask):
 
     ID_KEY = "image_id"
 
-    @classmethod
-    def setup_task(cls, cfg):
-        task = super().setup_task(cfg)
-        task.length_penalty = cfg.run_cfg.get("length_penalty")
-        return task
-
     def valid_step(self, model, samples):
-        extra = {} if self.length_penalty is None else {"length_penalty": float(self.length_penalty)}
         captions = model.generate(samples, use_nucleus_sampling=False, num_beams=self.num_beams,
-                                  max_length=self.max_len, min_length=self.min_len, **extra)
+                                  max_length=self.max_len, min_length=self.min_len, **self.extra_generate_kwargs)
         return [{"image_id": i, "caption": c} for i, c in zip(samples["image_id"], captions)]
 
     def score(self, rows: list[dict], split_name: str):

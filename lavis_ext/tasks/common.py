@@ -73,10 +73,18 @@ class EvalTaskMixin:
     """Mixed into a LAVIS task: its ``valid_step`` rows are gathered, scored by :meth:`score`, and saved.
 
     Subclasses set ``ID_KEY`` (the row key that identifies a question or image) and implement
-    ``score(rows, split_name) -> (metrics, rows, report_lines)``.
+    ``score(rows, split_name) -> (metrics, rows, report_lines)``. ``run.length_penalty``, when set,
+    is passed to the model's generation (``extra_generate_kwargs``).
     """
 
     ID_KEY = "question_id"
+
+    @classmethod
+    def setup_task(cls, cfg):
+        task = super().setup_task(cfg)
+        length_penalty = cfg.run_cfg.get("length_penalty")  # LAVIS's tasks do not pass it on
+        task.extra_generate_kwargs = {} if length_penalty is None else {"length_penalty": float(length_penalty)}
+        return task
 
     def before_evaluation(self, model, dataset, **kwargs):
         super().before_evaluation(model, dataset, **kwargs)

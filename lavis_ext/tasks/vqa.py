@@ -96,21 +96,15 @@ def question_ids(samples: dict) -> list:
 
 @registry.register_task("vqa_ext")
 class VQATaskExt(EvalTaskMixin, VQATask):
-    """Run keys as LAVIS's ``vqa`` task, plus ``length_penalty`` (default 0)."""
+    """Run keys as LAVIS's ``vqa`` task, plus an optional ``length_penalty``."""
 
     ID_KEY = "question_id"
-
-    @classmethod
-    def setup_task(cls, cfg):
-        task = super().setup_task(cfg)
-        task.length_penalty = float(cfg.run_cfg.get("length_penalty", 0.0))
-        return task
 
     def predict(self, model, samples: dict) -> list[str]:
         return model.predict_answers(
             samples=samples, answer_list=self.answer_list, inference_method=self.inference_method,
             num_beams=self.num_beams, max_len=self.max_len, min_len=self.min_len,
-            num_ans_candidates=self.num_ans_candidates, prompt=self.prompt, length_penalty=self.length_penalty)
+            num_ans_candidates=self.num_ans_candidates, prompt=self.prompt, **self.extra_generate_kwargs)
 
     def valid_step(self, model, samples):
         return [{"question_id": q, "answer": a} for q, a in zip(question_ids(samples), self.predict(model, samples))]
