@@ -225,9 +225,15 @@ class Blip2InternLM(Blip2Base):
         query_embeds = self.encode_images(samples["image"])
         inputs_embeds, attention_mask, labels = self.build_llm_inputs(
             query_embeds, self._prompts(samples, self.config.prompt), list(samples["text_input"]))
-        output = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-                          return_dict=True)
-        return {"loss": output.loss}
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+        # The loss is computed here, not by the LLM: position t predicts labels[t + 1], and the LM
+        # head runs only where that label is a target. Queries, prompt and padding take most of
+        # the sequence and need no logits (the LLM would compute [B, T, vocab] of them).
+        next_labels = labels[:, 1:]
+        is_target = next_labels != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][is_target])
+        return {"loss": nn.functional.cross_entropy(logits.float(), next_labels[is_target])}
 
     # ------------------------------------------------------------------ inference
 
