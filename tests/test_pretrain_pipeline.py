@@ -1,23 +1,63 @@
-"""The main job on tiny parts: stage 1 (COCO + VG) -> stage 2 (InternLM2) through run_scripts/."""
+"""The pretraining pipeline on tiny parts: stage 1 (COCO + VG) -> stage 2 (InternLM2) through run_scripts/."""
 from __future__ import annotations
 
-from conftest import run_python
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from lavis_ext.demo import TINY_RUN, data_options, losses, run_pipeline
+from conftest import REPO, run_python
+
+from lavis_ext.tiny.blip2 import make_tiny_bert, make_tiny_vit
+from lavis_ext.tiny.data import make_caption_data, make_vg_caption_data
+from lavis_ext.tiny.internlm2 import make_tiny_internlm2
+
+# what turns the real project yamls into tiny runs (paths come from data_options / model options)
+TINY_RUN = ["model.image_size=32", "model.vit_precision=fp32", "model.num_query_token=4", "run.batch_size_train=2",
+            "run.max_epoch=2", "run.warmup_steps=2", "run.num_workers=0", "run.amp=false", "run.init_lr=1e-3",
+            "run.save_every_iters=0"]
+
+
+def data_options(coco_ann: Path, vg_ann: Path) -> list[str]:
+    """``--options`` that point both caption builders at local annotation files and images."""
+    options = []
+    for name, ann in (("coco_caption_ext", coco_ann), ("vg_caption_ext", vg_ann)):
+        options += [f"datasets.{name}.build_info.annotations.train.storage={ann}",
+                    f"datasets.{name}.build_info.images.storage={ann.parent / 'images'}",
+                    f"datasets.{name}.vis_processor.train.image_size=32"]
+    return options
+
+
+def run_script(script: str, options: list[str], env: dict[str, str]) -> None:
+    env = {**os.environ, "PYTHON": sys.executable, **env}
+    result = subprocess.run(["bash", f"run_scripts/blip2/train/{script}", "--options", *options], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-4000:]}"
+
+
+def losses(output_dir: Path) -> list[float]:
+    (metrics,) = output_dir.glob("*/metrics.jsonl")
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
 def test_stage1_then_stage2_through_run_scripts(tmp_path):
-    result = run_pipeline(tmp_path)
+    assets = tmp_path / "assets"
+    env = {"LAVIS_EXT_BERT": str(make_tiny_bert(assets / "bert")), "LAVIS_EXT_VIT": str(make_tiny_vit(assets / "vit")),
+           "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    data = data_options(make_caption_data(assets / "coco", num_images=16), make_vg_caption_data(assets / "vg", num_images=8))
+    run_script("pretrain_stage1.sh", [*data, *TINY_RUN, f"run.output_dir={tmp_path / 'stage1'}"], env)
+    (stage1_checkpoint,) = (tmp_path / "stage1").glob("*/checkpoint_1.pth")
+    run_script("pretrain_stage2_internlm.sh", [
+        *data, *TINY_RUN, f"model.llm_path={make_tiny_internlm2(assets / 'llm')}", "model.llm_dtype=fp32",
+        f"model.pretrained={stage1_checkpoint}", "run.max_epoch=3", f"run.output_dir={tmp_path / 'stage2'}"], env)
     for stage in ("stage1", "stage2"):
-        values = result[stage]
+        values = losses(tmp_path / stage)
         assert sum(values[-3:]) < sum(values[:3]), f"{stage} loss did not decrease: {values}"
-    assert list((tmp_path / "stage1").glob("*/checkpoint_1.pth"))
     assert list((tmp_path / "stage2").glob("*/checkpoint_2.pth"))
 
 
 def test_stage2_single_process_two_iterations(tiny_env, tiny_llm, tiny_coco, tmp_path):
-    from lavis_ext.tiny.data import make_vg_caption_data
-
     result = run_python(["train.py", "--cfg-path", "lavis_ext/projects/blip2/train/pretrain_stage2_internlm2_1_8b.yaml",
                          "--options", *data_options(tiny_coco, make_vg_caption_data(tmp_path / "vg")), *TINY_RUN,
                          f"model.llm_path={tiny_llm}", "model.llm_dtype=fp32", "model.pretrained=",
