@@ -1,12 +1,18 @@
-"""``make demo``: stage 1 -> stage 2 on tiny, generated parts and data, through run_scripts/.
+"""``make demo``: a tiny BLIP-2 x InternLM2 that visibly learns a synthetic world, on 2 CPU processes.
 
     python -m lavis_ext.demo [--output output/demo]
 
-It builds a tiny BERT Q-Former dir, a tiny EVA config, a tiny InternLM2-format checkpoint and
-small COCO- and VG-format caption sets, then runs ``run_scripts/blip2/train/pretrain_stage1.sh``
-and ``pretrain_stage2_internlm.sh`` (2 CPU processes, gloo) with ``--options`` pointing at
-them, and prints the loss of each stage. The tiny LLM is random: the demo shows that the real
-code paths run end to end and that the trainable parts learn, not that captions are good.
+1. the world (:mod:`lavis_ext.datasets.synthetic`) and the tiny parts: a BERT Q-Former dir, an
+   EVA-ViT briefly pretrained to tag grid cells (:mod:`lavis_ext.tiny.pretrain_vit`), and stage 0,
+   a tiny InternLM2 trained on the world's text (:mod:`lavis_ext.tiny.pretrain_llm`);
+2. stage 1 and stage 2 through ``run_scripts/`` and ``train.py`` with the demo yamls
+   (``lavis_ext/projects/demo/``), exactly as real runs go;
+3. held-out test images: caption attribute accuracy (colour F1, shape F1, object count) and
+   zero-shot VQA through ``evaluate.py`` (``run_scripts/blip2/eval/`` with the demo VQA yaml, the
+   official VQA accuracy by answer type) of the trained model, against an untrained control (same
+   parts, Q-Former and projection as initialised) and the majority-answer baseline;
+4. a summary table, sample captions beside the truth, and both stages' loss curves in
+   ``<output>/loss_curves.png``.
 """
 from __future__ import annotations
 
@@ -15,74 +21,231 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
-# what turns the real project yamls into tiny runs (paths come from data_options / model options)
-TINY_RUN = ["model.image_size=32", "model.vit_precision=fp32", "model.num_query_token=4", "run.batch_size_train=2",
-            "run.max_epoch=2", "run.warmup_steps=2", "run.num_workers=0", "run.amp=false", "run.init_lr=1e-3",
-            "run.save_every_iters=0"]
+PROJECT_DIR = REPO / "lavis_ext" / "projects" / "demo"
+STAGE1_YAML = PROJECT_DIR / "pretrain_stage1.yaml"
+STAGE2_YAML = PROJECT_DIR / "pretrain_stage2.yaml"
+VQA_YAML = PROJECT_DIR / "vqa_zeroshot_eval.yaml"
+BERT_SIZES = {"vocab_size": 300, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256}
+LLM_STEPS = 1000
+VIT_STEPS = 200
+EVAL_BATCH = 100
+PROCESSES = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}  # 2 CPU processes, one thread each
+NUM_SAMPLES = 6  # sample captions shown beside the truth
+ATTRIBUTE_GOAL = 0.8  # mean of colour F1, shape F1 and count accuracy on held-out images
+OTHER_GOAL = 1.5  # VQA "other" accuracy over the majority baseline's
 
 
-def data_options(coco_ann: Path, vg_ann: Path) -> list[str]:
-    """``--options`` that point both caption builders at local annotation files and images."""
-    options = []
-    for name, ann in (("coco_caption_ext", coco_ann), ("vg_caption_ext", vg_ann)):
-        options += [f"datasets.{name}.build_info.annotations.train.storage={ann}",
-                    f"datasets.{name}.build_info.images.storage={ann.parent / 'images'}",
-                    f"datasets.{name}.vis_processor.train.image_size=32"]
-    return options
+# --------------------------------------------------------------------------- steps 1-2: parts and training
 
 
-def make_assets(root: Path) -> dict[str, Path]:
-    from lavis_ext.tiny.blip2 import make_tiny_bert, make_tiny_vit
-    from lavis_ext.tiny.data import make_caption_data, make_vg_caption_data
-    from lavis_ext.tiny.internlm2 import make_tiny_internlm2
+def make_assets(root: Path, llm_steps: int = LLM_STEPS, vit_steps: int = VIT_STEPS,
+                world_sizes: dict[str, int] | None = None) -> dict:
+    """World under ``root/data/synthetic`` (the yamls' ``$LAVIS_CACHE_ROOT/synthetic``), then the parts."""
+    from lavis_ext.datasets.synthetic import make_world
+    from lavis_ext.tiny.blip2 import make_tiny_bert
+    from lavis_ext.tiny.pretrain_llm import pretrain_tiny_llm, stage0_examples, world_texts
+    from lavis_ext.tiny.pretrain_vit import pretrain_tiny_vit
 
-    return {"bert": make_tiny_bert(root / "bert"), "vit": make_tiny_vit(root / "vit"),
-            "llm": make_tiny_internlm2(root / "llm"), "coco": make_caption_data(root / "coco", num_images=16),
-            "vg": make_vg_caption_data(root / "vg", num_images=8)}
+    timings, results = {}, {}
+    start = time.perf_counter()
+    world = make_world(root / "data" / "synthetic", sizes=world_sizes)
+    bert = make_tiny_bert(root / "bert", texts=world_texts(stage0_examples(world)), **BERT_SIZES)
+    timings["world"] = time.perf_counter() - start
+    start = time.perf_counter()
+    results["vit"] = pretrain_tiny_vit(world, root / "vit", steps=vit_steps)
+    timings["vit"] = time.perf_counter() - start
+    start = time.perf_counter()
+    results["stage0"] = pretrain_tiny_llm(world, root / "llm", steps=llm_steps)
+    timings["stage0"] = time.perf_counter() - start
+    return {"world": world, "bert": bert, "vit": root / "vit", "llm": root / "llm", "timings": timings,
+            "results": results}
 
 
-def run_script(script: str, options: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run ``run_scripts/blip2/train/<script> --options ...``; raise with its stderr tail on failure."""
-    env = {**os.environ, "PYTHON": sys.executable, **env}
-    result = subprocess.run(["bash", f"run_scripts/blip2/train/{script}", "--options", *options], cwd=REPO, env=env,
-                            capture_output=True, text=True)
+def demo_env(root: Path, assets: dict) -> dict[str, str]:
+    """The variables the demo yamls and the tiny model yaml read."""
+    return {"LAVIS_CACHE_ROOT": str(root / "data"), "LAVIS_EXT_OUTPUT": str(root), "LAVIS_EXT_BERT": str(assets["bert"]),
+            "LAVIS_EXT_VIT": str(assets["vit"]), "LAVIS_EXT_TINY_LLM": str(assets["llm"])}
+
+
+def run_script(script: str, cfg_path: Path, options: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``run_scripts/blip2/<script>`` with ``CFG_PATH``; raise with its stderr tail on failure."""
+    env = {**os.environ, "PYTHON": sys.executable, "CFG_PATH": str(cfg_path), **env}
+    command = ["bash", f"run_scripts/blip2/{script}"] + (["--options", *options] if options else [])
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{script} failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"{script} (CFG_PATH={cfg_path}) failed:\n{result.stderr[-4000:]}")
     return result
+
+
+def job_dir(output_dir: Path) -> Path:
+    (job,) = (p.parent for p in output_dir.glob("*/metrics.jsonl"))
+    return job
 
 
 def losses(output_dir: Path) -> list[float]:
-    (metrics,) = output_dir.glob("*/metrics.jsonl")
+    metrics = job_dir(output_dir) / "metrics.jsonl"
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
-def run_pipeline(root: Path, env: dict[str, str] | None = None) -> dict[str, list[float]]:
-    """Stage 1 then stage 2 into ``root``; returns each stage's per-iteration losses."""
-    assets = make_assets(root / "assets")
-    env = {"LAVIS_EXT_BERT": str(assets["bert"]), "LAVIS_EXT_VIT": str(assets["vit"]), "NPROC_PER_NODE": "2",
-           "OMP_NUM_THREADS": "1", **(env or {})}
-    data = data_options(assets["coco"], assets["vg"])
-    run_script("pretrain_stage1.sh", [*data, *TINY_RUN, f"run.output_dir={root / 'stage1'}"], env)
-    (stage1_checkpoint,) = (root / "stage1").glob("*/checkpoint_1.pth")
-    run_script("pretrain_stage2_internlm.sh", [
-        *data, *TINY_RUN, f"model.llm_path={assets['llm']}", "model.llm_dtype=fp32",
-        f"model.pretrained={stage1_checkpoint}", "run.max_epoch=3", f"run.output_dir={root / 'stage2'}"], env)
-    return {stage: losses(root / stage) for stage in ("stage1", "stage2")}
+def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = (), stage2_options: list[str] = (),
+                 timings: dict[str, float] | None = None) -> dict[str, Path]:
+    """Stage 1 then stage 2 (2 CPU processes unless ``NPROC_PER_NODE`` says otherwise), each with its
+    ``--options``; returns their job dirs. Each stage's wall time goes into ``timings`` when given."""
+    env = {**PROCESSES, **env}
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
+    run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env)
+    stage1 = job_dir(root / "demo" / "pretrain_stage1")
+    timings["stage1"] = time.perf_counter() - start
+    start = time.perf_counter()
+    run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
+               {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")})
+    timings["stage2"] = time.perf_counter() - start
+    return {"stage1": stage1, "stage2": job_dir(root / "demo" / "pretrain_stage2")}
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="output/demo", help="where assets, checkpoints and logs go")
-    args = parser.parse_args(argv)
-    result = run_pipeline(Path(args.output).absolute())
-    print(f"\n{'stage':<8}{'iterations':>12}{'first loss':>12}{'last loss':>12}")
-    for stage, values in result.items():
-        print(f"{stage:<8}{len(values):>12}{values[0]:>12.4f}{values[-1]:>12.4f}")
-    print(f"\noutputs: {Path(args.output).absolute()}")
+# --------------------------------------------------------------------------- step 3: held-out evaluation
+
+
+def load_demo_model(checkpoint: Path | None):
+    """The demo's stage-2 model as the demo yaml builds it (paths from the environment), with the
+    trainable weights of ``checkpoint``, or as initialised when ``None`` (the untrained control)."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    model_cls = registry.get_model_class("blip2_internlm")
+    project = OmegaConf.load(STAGE2_YAML).model
+    cfg = OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(project.model_type)).model, project)
+    cfg.pretrained = ""
+    if checkpoint is not None:
+        cfg.finetuned, cfg.load_finetuned = str(checkpoint), True
+    torch.manual_seed(0)
+    return model_cls.from_config(cfg).eval()
+
+
+def split_images(world: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
+    """The split's images ``[N, 3, S, S]`` (eval processing) and caption records, both by image id."""
+    from lavis_ext.tiny.pretrain_vit import load_split
+
+    images, _, _ = load_split(world, split)
+    return images, sorted(json.loads((world / f"{split}.json").read_text()), key=lambda r: r["image_id"])
+
+
+def caption_scores(model, world: Path, split: str = "test") -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """Greedy captions of the split's images; attribute scores and ``(generated, truth)`` pairs."""
+    from lavis_ext.datasets.synthetic import attribute_scores
+
+    images, records = split_images(world, split)
+    truth = [r["caption"][0] for r in records]
+    generated = []
+    for i in range(0, len(images), EVAL_BATCH):
+        generated += model.generate({"image": images[i:i + EVAL_BATCH]}, num_beams=1, max_length=20)
+    return attribute_scores(generated, truth), list(zip(generated, truth))
+
+
+def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path | None) -> dict[str, float]:
+    """Zero-shot VQA of the test split through ``evaluate.py``, as real evaluations run: the demo yaml
+    with ``run_scripts/blip2/eval/vqav2_zeroshot_internlm2.sh`` on 2 processes. ``checkpoint`` None
+    evaluates the untrained control. Returns the official VQA accuracy per answer type, as a fraction."""
+    from lavis_ext.datasets.synthetic import ANSWER_TYPES
+
+    output = root / "demo" / f"vqa_{name}"
+    run_script("eval/vqav2_zeroshot_internlm2.sh", VQA_YAML, [f"run.output_dir={output}"],
+               {**PROCESSES, **env, "LAVIS_EXT_STAGE2_CKPT": str(checkpoint or "")})
+    (metrics_file,) = output.glob("*/test_metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    return {"overall": metrics["agg_metrics"] / 100, **{t: metrics[t] / 100 for t in ANSWER_TYPES}}
+
+
+def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict:
+    """Trained model vs untrained control on the test split, and the majority baseline."""
+    from lavis_ext.datasets.synthetic import majority_baseline, read_annotations
+
+    result = {"majority": {"vqa": majority_baseline(read_annotations(world, "train"), read_annotations(world, "test"))}}
+    for name, checkpoint in (("untrained", None), ("trained", stage2 / "checkpoint_last.pth")):
+        scores, samples = caption_scores(load_demo_model(checkpoint), world)
+        result[name] = {"captions": scores, "samples": samples[:NUM_SAMPLES],
+                        "vqa": zero_shot_vqa(root, env, name, checkpoint)}
     return result
+
+
+# --------------------------------------------------------------------------- step 4: report
+
+
+def goals(result: dict) -> dict[str, bool]:
+    """What the demo sets out to show, each true or false."""
+    trained, untrained, majority = result["trained"], result["untrained"], result["majority"]
+    met = {f"caption attribute accuracy >= {ATTRIBUTE_GOAL}": trained["captions"]["attribute"] >= ATTRIBUTE_GOAL}
+    for kind in ("overall", "other"):
+        met[f"VQA {kind} beats the majority baseline and the untrained control"] = (
+            trained["vqa"][kind] > max(majority["vqa"][kind], untrained["vqa"][kind]))
+    met[f"VQA other >= {OTHER_GOAL}x the majority baseline"] = (
+        trained["vqa"]["other"] >= OTHER_GOAL * majority["vqa"]["other"])
+    return met
+
+
+def summary(stages: dict[str, dict], result: dict) -> str:
+    """Tables of the stages (seconds, steps, first and last loss) and of the held-out scores, samples and goals."""
+    lines = ["", f"{'stage':<10}{'seconds':>9}{'steps':>8}{'first loss':>12}{'last loss':>12}"]
+    for name, stage in stages.items():
+        losses_cells = (f"{stage['steps']:>8}{stage['first_loss']:>12.4f}{stage['last_loss']:>12.4f}"
+                        if "steps" in stage else "")
+        lines.append(f"{name:<10}{stage['seconds']:>9.0f}{losses_cells}")
+    lines.append(f"{'total':<10}{sum(stage['seconds'] for stage in stages.values()):>9.0f}")
+    lines += ["", "held-out test images", f"{'model':<11}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}"
+              f"{'count':>7}{'VQA y/n':>9}{'number':>8}{'other':>7}{'overall':>9}"]
+    for name in ("majority", "untrained", "trained"):
+        captions, vqa = result[name].get("captions"), result[name]["vqa"]
+        caption_cells = (f"{captions['attribute']:>10.3f}{captions['colour_f1']:>10.3f}{captions['shape_f1']:>10.3f}"
+                         f"{captions['count_acc']:>7.3f}" if captions else f"{'':>37}")
+        lines.append(f"{name:<11}{caption_cells}{vqa['yes/no']:>9.3f}{vqa['number']:>8.3f}{vqa['other']:>7.3f}"
+                     f"{vqa['overall']:>9.3f}")
+    lines += ["", "sample captions (trained | truth)"]
+    lines += [f"  {generated!r:<45} | {truth!r}" for generated, truth in result["trained"]["samples"]]
+    lines += ["", "goals"] + [f"  [{'x' if met else ' '}] {goal}" for goal, met in goals(result).items()]
+    return "\n".join(lines)
+
+
+def run_demo(root: Path) -> dict:
+    """Everything above into ``root``; returns the stages, the evaluation and the plot's path."""
+    from lavis_ext.tools.plot_log import plot_stages
+
+    assets = make_assets(root)
+    env = demo_env(root, assets)
+    os.environ.update(env)  # the in-process evaluation builds the model from the same yaml
+    timings = dict(assets["timings"])
+    jobs = train_stages(root, env, timings=timings)
+    start = time.perf_counter()
+    result = evaluate(root, env, assets["world"], jobs["stage2"])
+    timings["evaluate"] = time.perf_counter() - start
+    stages = {name: {"seconds": seconds} for name, seconds in timings.items()}
+    stages["vit"].update(steps=VIT_STEPS, **assets["results"]["vit"])
+    stages["stage0"].update(steps=LLM_STEPS, **assets["results"]["stage0"])
+    for name, job in jobs.items():
+        values = losses(job.parent)
+        stages[name].update(steps=len(values), first_loss=values[0], last_loss=values[-1])
+    plot = plot_stages({"stage 1": jobs["stage1"], "stage 2": jobs["stage2"]}, root / "loss_curves.png")
+    return {"stages": stages, "evaluation": result, "plot": plot}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default="output/demo", help="where data, parts, checkpoints and logs go")
+    args = parser.parse_args(argv)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(2)  # the machine budget: 2 CPU cores
+    root = Path(args.output).absolute()
+    report = run_demo(root)
+    print(summary(report["stages"], report["evaluation"]))
+    print(f"\nloss curves: {report['plot']}\noutputs: {root}")
+    (root / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_record_without_question_names_file_and_record(tmp_path):
     records = json.loads(ann_paths[0].read_text())
     del records[1]["question"]
     ann_paths[0].write_text(json.dumps(records))
-    with pytest.raises(DataError, match=r"vqa_val_eval\.json record 1: missing required key 'question'"):
+    with pytest.raises(DataError, match=r"vqa_val\.json record 1: missing required key 'question'"):
         build("coco_vqa_ext", "val", ann_paths, tmp_path / "images")
 
 

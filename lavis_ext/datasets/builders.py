@@ -45,7 +45,7 @@ LAVIS_KEYS = frozenset({"data_type", "build_info", "vis_processor", "text_proces
 
 
 class OfflineBuilderExt(BaseDatasetBuilder):
-    """Offline builder; subclasses set ``NAME`` (via :func:`_register`) and the dataset classes."""
+    """Offline builder; subclasses set ``NAME`` (via :func:`register_builder_ext`) and the dataset classes."""
 
     NAME = ""
     train_dataset_cls = eval_dataset_cls = CaptionDatasetExt
@@ -147,7 +147,7 @@ class OfflineBuilderExt(BaseDatasetBuilder):
         return datasets
 
 
-def _register(name: str, config: str, **typed_configs: str):
+def register_builder_ext(name: str, config: str, **typed_configs: str):
     """Register under ``name``; ``config`` is the default yaml, ``typed_configs`` those a block's ``type:`` selects."""
     def wrap(cls):
         cls.NAME = name
@@ -157,14 +157,14 @@ def _register(name: str, config: str, **typed_configs: str):
     return wrap
 
 
-@_register("coco_caption_ext", "coco/caption_ext.yaml", eval="coco/caption_eval_ext.yaml")
+@register_builder_ext("coco_caption_ext", "coco/caption_ext.yaml", eval="coco/caption_eval_ext.yaml")
 class COCOCaptionBuilderExt(OfflineBuilderExt):
     """COCO (Karpathy) captions; ``image_id`` as the annotation gives it. ``type: eval``: the test split only."""
 
     train_dataset_cls = eval_dataset_cls = CaptionDatasetExt
 
 
-@_register("vg_caption_ext", "vg/caption_ext.yaml")
+@register_builder_ext("vg_caption_ext", "vg/caption_ext.yaml")
 class VGCaptionBuilderExt(OfflineBuilderExt):
     """Visual Genome captions from upstream ``vg_caption.json``, images under ``VG_100K``/``VG_100K_2``."""
 
@@ -172,7 +172,7 @@ class VGCaptionBuilderExt(OfflineBuilderExt):
     DATASET_KEYS = ("max_bad_image_fraction", "max_missing_fraction")
 
 
-@_register("coco_vqa_ext", "coco/vqa_eval_ext.yaml")
+@register_builder_ext("coco_vqa_ext", "coco/vqa_eval_ext.yaml")
 class COCOVQABuilderExt(OfflineBuilderExt):
     """VQAv2 evaluation in LAVIS's ``coco_vqa`` format (eval list, answer list, official questions/annotations)."""
 
@@ -180,12 +180,12 @@ class COCOVQABuilderExt(OfflineBuilderExt):
     eval_dataset_cls = VQAEvalDatasetExt
 
 
-@_register("ok_vqa_ext", "okvqa/eval_ext.yaml")
+@register_builder_ext("ok_vqa_ext", "okvqa/eval_ext.yaml")
 class OKVQABuilderExt(COCOVQABuilderExt):
     """OK-VQA evaluation, same format as VQAv2."""
 
 
-@_register("gqa_ext", "gqa/balanced_testdev_ext.yaml")
+@register_builder_ext("gqa_ext", "gqa/balanced_testdev_ext.yaml")
 class GQABuilderExt(OfflineBuilderExt):
     """GQA evaluation (balanced testdev by default): questions with their answers."""
 

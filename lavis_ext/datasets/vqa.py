@@ -78,16 +78,16 @@ def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list
     """Write LAVIS ``coco_vqa`` eval files for ``questions`` and return their paths in builder order.
 
     Each question is ``{"question_id", "image_id", "image", "question", "answers": [10 str],
-    "answer_type", "question_type"}``. Files: ``vqa_<split>_eval.json`` (LAVIS's eval list),
-    ``answer_list.json``, and the official ``<split>_questions.json`` / ``<split>_annotations.json``
-    that VQAEval reads (with the header keys its ``loadRes`` copies).
+    "answer_type", "question_type"}``. Files: ``vqa_<split>.json`` (LAVIS's list), the split's
+    ``answer_list.json`` (``answer_list_<split>.json``), and the official ``<split>_questions.json`` /
+    ``<split>_annotations.json`` that VQAEval reads (with the header keys its ``loadRes`` copies).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     header = {"info": {"description": "lavis-ext generated VQA"}, "license": {"name": "none"},
               "data_type": "mscoco", "data_subtype": split}
     eval_list = [{"question_id": q["question_id"], "question": q["question"], "image": q["image"],
-                  "answer": q["answers"]} for q in questions]
+                  "image_id": q["image_id"], "answer": q["answers"]} for q in questions]
     official_questions = dict(header, task_type="Open-Ended", questions=[
         {"image_id": q["image_id"], "question": q["question"], "question_id": q["question_id"]} for q in questions])
     annotations = dict(header, annotations=[
@@ -95,8 +95,8 @@ def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list
          "answer_type": q["answer_type"], "multiple_choice_answer": max(set(q["answers"]), key=q["answers"].count),
          "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q["answers"])]}
         for q in questions])
-    files = {f"vqa_{split}_eval.json": eval_list,
-             "answer_list.json": sorted({a for q in questions for a in q["answers"]}),
+    files = {f"vqa_{split}.json": eval_list,
+             f"answer_list_{split}.json": sorted({a for q in questions for a in q["answers"]}),
              f"{split}_questions.json": official_questions, f"{split}_annotations.json": annotations}
     for name, content in files.items():
         (root / name).write_text(json.dumps(content))

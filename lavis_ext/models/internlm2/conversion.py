@@ -76,12 +76,12 @@ DROPPED_CONFIG_KEYS = (
 )
 ROPE_SCALING_TYPES = ("linear", "dynamic")
 
-_TOP_LEVEL_NAMES = {
+TOP_LEVEL_NAMES = {
     "model.tok_embeddings.weight": "model.embed_tokens.weight",
     "model.norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -178,8 +178,8 @@ def convert_internlm2_tensor(name: str, tensor: torch.Tensor, config: LlamaConfi
     """
     if _STALE_ROTARY_KEY.search(name):
         return {}
-    if name in _TOP_LEVEL_NAMES:
-        return {_TOP_LEVEL_NAMES[name]: tensor}
+    if name in TOP_LEVEL_NAMES:
+        return {TOP_LEVEL_NAMES[name]: tensor}
     match = _LAYER_KEY.match(name)
     if match is None:
         return {name: tensor}
@@ -196,8 +196,8 @@ def convert_internlm2_tensor(name: str, tensor: torch.Tensor, config: LlamaConfi
             f"{prefix}self_attn.k_proj.weight": k,
             f"{prefix}self_attn.v_proj.weight": v,
         }
-    if suffix in _LAYER_NAMES:
-        return {prefix + _LAYER_NAMES[suffix]: tensor}
+    if suffix in LAYER_NAMES:
+        return {prefix + LAYER_NAMES[suffix]: tensor}
     return {name: tensor}
 
 

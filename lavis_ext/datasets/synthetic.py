@@ -1,0 +1,329 @@
+"""A procedural world of coloured shapes, written in COCO-caption and VQAv2 formats.
+
+    python -m lavis_ext.datasets.synthetic ROOT [--seed 0] [--train 4000 --val 200 --test 300]
+
+Each image is ``IMAGE_SIZE`` pixels square, cut into a ``GRID`` x ``GRID`` grid of cells; 1-4
+objects sit in distinct cells, one object per cell, jittered by a pixel or two. An object has one
+of :data:`COLOURS` and one of :data:`SHAPES`; objects of the same colour and shape form a group,
+and the caption names the groups in a fixed order: ``"two red circles and a blue square"``.
+Cells are :data:`CELL` pixels wide, the patch size of the demo's ViT, so each object fills one
+patch.
+
+Files under ``ROOT`` (everything is a pure function of the seed):
+
+- ``images/<split>/<image_id>.png``
+- ``<split>.json``: COCO Karpathy captions; ``train`` has one record per caption
+  (``{"image", "caption", "image_id"}``), ``val``/``test`` one record per image with a caption list.
+- ``objects_<split>.json``: ``{image_id: [{"colour", "shape", "row", "col", "x", "y"}]}`` (ground truth).
+- VQA in LAVIS's ``coco_vqa`` eval format (:func:`~lavis_ext.datasets.vqa.write_vqa_files`):
+  ``vqa_<split>.json`` (``question_id``, ``question``, ``answer`` x 10, ``image``, ``image_id``),
+  ``answer_list_<split>.json``, and the official ``<split>_questions.json`` and
+  ``<split>_annotations.json``.
+
+Answer types: ``yes/no`` (is there anything <colour>? are there any <shape>s?), ``number``
+(how many objects / <shape>s / <colour> objects) and ``other`` (what colour is the <shape>? what
+shape is the <colour> object?, asked only where the answer is unique). Answers are already in
+VQA-normalised form (lowercase, digits).
+
+Scoring: :func:`attribute_scores` parses generated captions (:func:`parse_caption`) and compares
+colours (F1), shapes (F1) and the object count (accuracy) with the truth;
+:func:`majority_baseline` is the VQA accuracy of always giving the train split's most common
+answer of each answer type.
+
+Registers the ``synthetic_caption`` and ``synthetic_vqa`` builders (default configs in
+``configs/datasets/synthetic/``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from lavis_ext.datasets.builders import COCOCaptionBuilderExt, COCOVQABuilderExt, register_builder_ext
+from lavis_ext.datasets.vqa import write_vqa_files
+
+COLOURS = {"red": (220, 30, 30), "green": (20, 160, 40), "blue": (30, 60, 230), "yellow": (235, 200, 0),
+           "purple": (140, 30, 180), "orange": (255, 130, 0)}
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+CELL = 16  # pixels per grid cell = the demo ViT's patch size
+GRID = 4
+IMAGE_SIZE = CELL * GRID
+MAX_OBJECTS = 4
+BACKGROUND = (255, 255, 255)
+SPLITS = ("train", "val", "test")
+ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # image ids are unique across splits
+ANSWERS_PER_QUESTION = 10
+ANSWER_TYPES = ("yes/no", "number", "other")
+DEFAULT_SIZES = {"train": 4000, "val": 200, "test": 300}  # images per split
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+    row: int
+    col: int
+    x: int  # centre, pixels
+    y: int
+
+
+# --------------------------------------------------------------------------- scenes and images
+
+
+def sample_scene(rng: random.Random) -> list[Obj]:
+    """1-4 objects in distinct cells, grouped into 1-3 distinct (colour, shape) kinds."""
+    count = rng.randint(1, MAX_OBJECTS)
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(1, min(count, 3)))
+    labels = kinds + [rng.choice(kinds) for _ in range(count - len(kinds))]
+    cells = rng.sample(range(GRID * GRID), count)
+    objects = []
+    for (colour, shape), cell in zip(labels, cells):
+        row, col = divmod(cell, GRID)
+        x = col * CELL + CELL // 2 + rng.randint(-1, 1)
+        y = row * CELL + CELL // 2 + rng.randint(-1, 1)
+        objects.append(Obj(colour, shape, row, col, x, y))
+    return objects
+
+
+def draw_scene(objects: list[Obj]) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    r = CELL // 2 - 2  # half-size: objects never leave their cell
+    for o in objects:
+        fill = COLOURS[o.colour]
+        box = (o.x - r, o.y - r, o.x + r, o.y + r)
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((o.x - r + 1, o.y - r + 1, o.x + r - 1, o.y + r - 1), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
+        else:  # cross
+            arm = r // 2
+            draw.rectangle((o.x - arm, o.y - r, o.x + arm, o.y + r), fill=fill)
+            draw.rectangle((o.x - r, o.y - arm, o.x + r, o.y + arm), fill=fill)
+    return image
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def groups(objects: list[Obj]) -> list[tuple[int, str, str]]:
+    """``(count, colour, shape)`` per kind, in caption order (shape, then colour, as listed above)."""
+    counts = Counter((o.shape, o.colour) for o in objects)
+    order = sorted(counts, key=lambda k: (SHAPES.index(k[0]), list(COLOURS).index(k[1])))
+    return [(counts[k], k[1], k[0]) for k in order]
+
+
+def caption(objects: list[Obj]) -> str:
+    """``"two red circles and a blue square"``."""
+    parts = []
+    for count, colour, shape in groups(objects):
+        if count == 1:
+            parts.append(f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}")
+        else:
+            parts.append(f"{NUMBER_WORDS[count]} {colour} {PLURALS[shape]}")
+    return " and ".join(parts)
+
+
+def eval_captions(objects: list[Obj]) -> list[str]:
+    """Reference captions of a val/test image."""
+    text = caption(objects)
+    return [text, f"a picture of {text}"]
+
+
+# --------------------------------------------------------------------------- questions
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    answer_type: str
+    question_type: str
+
+
+def questions(objects: list[Obj], rng: random.Random) -> list[QA]:
+    """One yes/no (half of them "yes"), one number and, where the answer is unique, one other question."""
+    colours = {o.colour for o in objects}
+    shapes = {o.shape for o in objects}
+    if rng.random() < 0.5:
+        colour = rng.choice(sorted(colours) if rng.random() < 0.5 else sorted(set(COLOURS) - colours))
+        yes_no = QA(f"is there anything {colour}?", "yes" if colour in colours else "no", "yes/no", "is there")
+    else:
+        shape = rng.choice(sorted(shapes) if rng.random() < 0.5 else sorted(set(SHAPES) - shapes))
+        yes_no = QA(f"are there any {PLURALS[shape]}?", "yes" if shape in shapes else "no", "yes/no", "are there")
+    kind = rng.choice(("objects", "shape", "colour"))
+    if kind == "objects":
+        number = QA("how many objects are there?", str(len(objects)), "number", "how many")
+    elif kind == "shape":
+        shape = rng.choice(sorted(shapes))
+        number = QA(f"how many {PLURALS[shape]} are there?", str(sum(o.shape == shape for o in objects)),
+                    "number", "how many")
+    else:
+        colour = rng.choice(sorted(colours))
+        number = QA(f"how many {colour} objects are there?", str(sum(o.colour == colour for o in objects)),
+                    "number", "how many")
+    result = [yes_no, number]
+    colour_of = {s: {o.colour for o in objects if o.shape == s} for s in shapes}
+    shape_of = {c: {o.shape for o in objects if o.colour == c} for c in colours}
+    other = [QA(f"what colour is the {s}?", next(iter(c)), "other", "what colour is the")
+             for s, c in sorted(colour_of.items()) if len(c) == 1]
+    other += [QA(f"what shape is the {c} object?", next(iter(s)), "other", "what shape is the")
+              for c, s in sorted(shape_of.items()) if len(s) == 1]
+    if other:
+        result.append(rng.choice(other))
+    return result
+
+
+# --------------------------------------------------------------------------- writing a world
+
+
+def _write_json(path: Path, content) -> None:
+    path.write_text(json.dumps(content))
+
+
+def make_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+    """Write images, captions, objects and VQA files of every split under ``root``; return ``root``."""
+    root = Path(root)
+    unknown = sorted(set(sizes or {}) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"make_world: unknown split(s) {unknown} in sizes; expected {list(SPLITS)}")
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    for split in SPLITS:
+        rng = random.Random(f"{seed}-{split}")
+        image_dir = root / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        captions, objects_by_id, vqa = [], {}, []
+        for n in range(sizes[split]):
+            image_id = ID_OFFSET[split] + n
+            image = f"{split}/{image_id}.png"
+            objects = sample_scene(rng)
+            draw_scene(objects).save(root / "images" / image)
+            objects_by_id[image_id] = [asdict(o) for o in objects]
+            if split == "train":
+                captions.append({"image": image, "caption": caption(objects), "image_id": image_id})
+            else:
+                captions.append({"image": image, "caption": eval_captions(objects), "image_id": image_id})
+            for k, qa in enumerate(questions(objects, rng)):
+                vqa.append({"question_id": image_id * 10 + k, "question": qa.question,
+                            "answers": [qa.answer] * ANSWERS_PER_QUESTION, "image": image, "image_id": image_id,
+                            "answer_type": qa.answer_type, "question_type": qa.question_type})
+        _write_json(root / f"{split}.json", captions)
+        _write_json(root / f"objects_{split}.json", objects_by_id)
+        write_vqa_files(root, split, vqa)
+    return root
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _singular(word: str) -> str | None:
+    if word in SHAPES:
+        return word
+    return next((s for s, p in PLURALS.items() if p == word), None)
+
+
+def parse_caption(text: str) -> list[tuple[int, str | None, str]]:
+    """``(count, colour or None, shape)`` per shape word; a count word or "a"/"an" before it sets the count."""
+    counts = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}, **{str(n): n for n in NUMBER_WORDS}}
+    found, count, colour = [], 1, None
+    for word in text.lower().replace(",", " ").replace(".", " ").split():
+        if word in counts:
+            count, colour = counts[word], None
+        elif word in COLOURS:
+            colour = word
+        elif _singular(word):
+            found.append((count, colour, _singular(word)))
+            count, colour = 1, None
+    return found
+
+
+def _f1(predicted: set, truth: set) -> float:
+    if not predicted or not truth:
+        return float(predicted == truth)
+    hits = len(predicted & truth)
+    return 2 * hits / (len(predicted) + len(truth))
+
+
+def attribute_scores(predicted: list[str], truth: list[str]) -> dict[str, float]:
+    """Mean per-caption colour F1, shape F1 and object-count accuracy, and their mean ``attribute``."""
+    if len(predicted) != len(truth) or not truth:
+        raise ValueError(f"attribute_scores: {len(predicted)} predicted for {len(truth)} true captions")
+    colour = shape = count = 0.0
+    for pred_text, true_text in zip(predicted, truth):
+        pred, true = parse_caption(pred_text), parse_caption(true_text)
+        if not true:
+            raise ValueError(f"attribute_scores: no object in the true caption {true_text!r}")
+        colour += _f1({c for _, c, _ in pred if c}, {c for _, c, _ in true})
+        shape += _f1({s for _, _, s in pred}, {s for _, _, s in true})
+        count += float(sum(n for n, _, _ in pred) == sum(n for n, _, _ in true))
+    scores = {"colour_f1": colour / len(truth), "shape_f1": shape / len(truth), "count_acc": count / len(truth)}
+    scores["attribute"] = sum(scores.values()) / 3
+    return scores
+
+
+def read_annotations(root: str | Path, split: str) -> list[dict]:
+    """``<split>_annotations.json``'s annotations; raises naming the file when it is missing or malformed."""
+    path = Path(root) / f"{split}_annotations.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.datasets.synthetic.make_world")
+    content = json.loads(path.read_text())
+    if "annotations" not in content:
+        raise ValueError(f"{path}: missing key 'annotations'")
+    return content["annotations"]
+
+
+def vqa_accuracy(predicted: list[str], annotations: list[dict]) -> dict[str, float]:
+    """Exact-match accuracy (= VQA accuracy, the 10 answers agree) per answer type and ``overall``."""
+    if len(predicted) != len(annotations):
+        raise ValueError(f"vqa_accuracy: {len(predicted)} answers for {len(annotations)} questions")
+    hits: dict[str, list[bool]] = {t: [] for t in ANSWER_TYPES}
+    for answer, ann in zip(predicted, annotations):
+        hits[ann["answer_type"]].append(answer.strip().lower() == ann["multiple_choice_answer"])
+    result = {t: sum(h) / len(h) for t, h in hits.items() if h}
+    result["overall"] = sum(sum(h) for h in hits.values()) / len(annotations)
+    return result
+
+
+def majority_baseline(train: list[dict], evaluated: list[dict]) -> dict[str, float]:
+    """VQA accuracy on ``evaluated`` of answering every question with the train split's most common
+    answer of its answer type (annotations as :func:`read_annotations` returns them)."""
+    majority = {t: Counter(a["multiple_choice_answer"] for a in train if a["answer_type"] == t).most_common(1)[0][0]
+                for t in {a["answer_type"] for a in train}}
+    return vqa_accuracy([majority[a["answer_type"]] for a in evaluated], evaluated)
+
+
+# --------------------------------------------------------------------------- LAVIS builder
+
+
+@register_builder_ext("synthetic_caption", "synthetic/caption.yaml")
+class SyntheticCaptionBuilder(COCOCaptionBuilderExt):
+    """Captions of the synthetic world, in COCO Karpathy format (``make_world`` writes them)."""
+
+
+@register_builder_ext("synthetic_vqa", "synthetic/vqa.yaml")
+class SyntheticVQABuilder(COCOVQABuilderExt):
+    """The synthetic world's questions for zero-shot evaluation, in the ``coco_vqa`` eval format."""
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    for split in SPLITS:
+        parser.add_argument(f"--{split}", type=int, help=f"number of {split} images")
+    args = parser.parse_args(argv)
+    sizes = {s: getattr(args, s) for s in SPLITS if getattr(args, s) is not None}
+    return make_world(args.root, args.seed, sizes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Stage 0 of the demo: a tiny InternLM2 that already speaks the synthetic world's language.
+
+Text only. Each example is laid out as stage 2 lays out an image (``Blip2InternLM.build_llm_inputs``):
+``[context][<s> prompt][target </s>]``, where the true caption stands in for the query embeddings
+as ``context``, and the loss covers ``target </s>`` only:
+
+- captioning: prompt ``""``, target the caption (the model learns to read the context out);
+- VQA: prompt ``qa_prompt.format(question)``, target the short answer.
+
+Stage 2 then keeps this LLM frozen and teaches the Q-Former to produce a context it can read.
+The result is written in InternLM2's hub layout (remote-code ``config.json``, packed
+``attention.wqkv``, ``tokenizer.model`` trained on the world's text) by
+:func:`~lavis_ext.tiny.internlm2.make_tiny_internlm2` plus :func:`save_internlm2_weights`, and
+loads back through :func:`~lavis_ext.models.internlm2.load_internlm2_llm` like a real checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import LlamaForCausalLM
+
+from lavis_ext.constants import IGNORE_INDEX
+from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
+from lavis_ext.models.internlm2.conversion import LAYER_NAMES, TOP_LEVEL_NAMES
+from lavis_ext.tiny.internlm2 import make_tiny_internlm2
+
+QA_PROMPT = "Question: {} Short answer:"  # blip2_internlm's default qa_prompt
+LLM_SIZES = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256,
+             "max_position_embeddings": 128}
+
+
+def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+              head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`~lavis_ext.models.internlm2.conversion.split_wqkv`: q ``[H·D, hidden]``,
+    k and v ``[KV·D, hidden]`` -> packed ``[(H + 2·KV)·D, hidden]``, each KV head's block holding
+    its ``H/KV`` query heads, then its key, then its value."""
+    group = num_heads // num_kv_heads
+    q = rearrange(q, "(h g d) dim -> h g d dim", g=group, d=head_dim)
+    k, v = (rearrange(t, "(h d) dim -> h 1 d dim", d=head_dim) for t in (k, v))
+    return rearrange(torch.cat([q, k, v], dim=1), "h gs d dim -> (h gs d) dim").contiguous()
+
+
+def llama_to_internlm2_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """A converted model's weights back under InternLM2's names, with ``wqkv`` packed."""
+    config = model.config
+    top_level = {llama: internlm2 for internlm2, llama in TOP_LEVEL_NAMES.items()}
+    layer_names = {llama: internlm2 for internlm2, llama in LAYER_NAMES.items()}
+    state = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    weights = {top_level[name]: state.pop(name) for name in list(state) if name in top_level}
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        q, k, v = (state.pop(f"{prefix}self_attn.{p}_proj.weight") for p in "qkv")
+        weights[prefix + "attention.wqkv.weight"] = pack_wqkv(
+            q, k, v, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim)
+        for llama, internlm2 in layer_names.items():
+            weights[prefix + internlm2] = state.pop(prefix + llama)
+    if state:
+        raise ValueError(f"llama_to_internlm2_state_dict: no InternLM2 name for {sorted(state)}")
+    return weights
+
+
+def save_internlm2_weights(model: LlamaForCausalLM, dst: str | Path) -> Path:
+    """Write ``dst/model.safetensors`` in InternLM2's layout (the rest of the directory is kept),
+    and check that :func:`load_internlm2_llm` reads back a model with the same logits."""
+    path = Path(dst) / "model.safetensors"
+    save_file(llama_to_internlm2_state_dict(model), path, metadata={"format": "pt"})
+    probe = torch.arange(min(16, model.config.vocab_size)).unsqueeze(0)
+    with torch.no_grad():
+        if not torch.equal(model(probe).logits, load_internlm2_llm(dst)(probe).logits):
+            raise RuntimeError(f"{path}: the saved checkpoint loads back with different logits")
+    return path
+
+
+# --------------------------------------------------------------------------- the world's text
+
+
+def _read_list(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.datasets.synthetic.make_world")
+    return json.loads(path.read_text())
+
+
+def stage0_examples(world_root: str | Path, qa_prompt: str = QA_PROMPT) -> list[tuple[str, str, str]]:
+    """``(context, prompt, target)`` for every train caption and train question."""
+    root = Path(world_root)
+    captions = {}
+    for record in _read_list(root / "train.json"):
+        if "caption" not in record or "image_id" not in record:
+            raise ValueError(f"{root / 'train.json'}: record {record!r} lacks 'caption' or 'image_id'")
+        captions[record["image_id"]] = record["caption"]
+    examples = [(text, "", text) for text in captions.values()]
+    for record in _read_list(root / "vqa_train.json"):
+        examples.append((captions[record["image_id"]], qa_prompt.format(record["question"]), record["answer"][0]))
+    return examples
+
+
+def world_texts(examples: list[tuple[str, str, str]]) -> list[str]:
+    """What the tokenizer is trained on: every distinct string of the examples, plus the eval captions' prefix."""
+    return sorted({part for example in examples for part in example if part} | {"a picture of"})
+
+
+# --------------------------------------------------------------------------- training
+
+
+def encode_examples(tokenizer, examples: list[tuple[str, str, str]]) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per example, the token layout of ``build_llm_inputs`` with the
+    context's tokens in place of the queries; labels are ``IGNORE_INDEX`` outside ``target </s>``."""
+    encoded = []
+    for context, prompt, target in examples:
+        given = tokenizer.encode(context, add_special_tokens=False) + tokenizer.encode(prompt, add_special_tokens=True)
+        answer = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+        encoded.append((given + answer, [IGNORE_INDEX] * len(given) + answer))
+    return encoded
+
+
+def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (length - len(lab)) for _, lab in rows])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in rows])
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pretrain_tiny_llm(world_root: str | Path, dst: str | Path, *, steps: int = 1500, batch_size: int = 64,
+                      lr: float = 3e-3, warmup_steps: int = 50, seed: int = 0,
+                      qa_prompt: str = QA_PROMPT) -> dict[str, float]:
+    """Make a random tiny InternLM2 in ``dst`` (tokenizer trained on the world's text), train it
+    on :func:`stage0_examples` (AdamW, linear warmup then cosine), save it in place.
+
+    Returns the first and last training loss (means over 20 steps).
+    """
+    examples = stage0_examples(world_root, qa_prompt)
+    make_tiny_internlm2(dst, texts=world_texts(examples), seed=seed, **LLM_SIZES)
+    tokenizer = load_internlm2_tokenizer(dst)
+    rows = encode_examples(tokenizer, examples)
+    model = load_internlm2_llm(dst).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="stage 0: tiny LLM on the world's text"):
+        loss = model(**_batch(rng.sample(rows, batch_size), tokenizer.pad_token_id)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    save_internlm2_weights(model, dst)
+    window = min(20, steps)
+    return {"first_loss": sum(losses[:window]) / window, "last_loss": sum(losses[-window:]) / window}
