@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"  # runner_ext's per-iteration log
+from lavis_ext.runners.runner_ext import METRICS_FILE  # noqa: E402  (runner_ext's per-iteration log)
+
 LAVIS_LOG_FILE = "log.txt"  # LAVIS's per-epoch log
 SMOOTHING = 20  # iterations in the moving average drawn over per-iteration losses
 
