@@ -73,14 +73,16 @@ def demo_env(root: Path, assets: dict) -> dict[str, str]:
             "LAVIS_EXT_VIT": str(assets["vit"]), "LAVIS_EXT_TINY_LLM": str(assets["llm"])}
 
 
-def run_script(script: str, cfg_path: Path, options: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run ``run_scripts/blip2/<script>`` with ``CFG_PATH``; raise with its stderr tail on failure."""
+def run_script(script: str, cfg_path: Path, options: list[str], env: dict[str, str], log: Path) -> None:
+    """Run ``run_scripts/blip2/<script>`` with ``CFG_PATH``, its output into ``log``; raise with the log's tail on failure."""
     env = {**os.environ, "PYTHON": sys.executable, "CFG_PATH": str(cfg_path), **env}
     command = ["bash", f"run_scripts/blip2/{script}"] + (["--options", *options] if options else [])
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{script} (CFG_PATH={cfg_path}) failed:\n{result.stderr[-4000:]}")
-    return result
+    print(f"running {command[1]} with {cfg_path.name} (log: {log})", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        returncode = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        raise RuntimeError(f"{script} (CFG_PATH={cfg_path}) failed; the end of {log}:\n{log.read_text()[-4000:]}")
 
 
 def job_dir(output_dir: Path) -> Path:
@@ -100,12 +102,12 @@ def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = ()
     env = {**PROCESSES, **env}
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env)
+    run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env, root / "logs" / "stage1.log")
     stage1 = job_dir(root / "demo" / "pretrain_stage1")
     timings["stage1"] = time.perf_counter() - start
     start = time.perf_counter()
     run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
-               {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")})
+               {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")}, root / "logs" / "stage2.log")
     timings["stage2"] = time.perf_counter() - start
     return {"stage1": stage1, "stage2": job_dir(root / "demo" / "pretrain_stage2")}
 
@@ -157,7 +159,7 @@ def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path |
 
     output = root / "demo" / f"vqa_{name}"
     run_script("eval/vqav2_zeroshot_internlm2.sh", VQA_YAML, [f"run.output_dir={output}"],
-               {**PROCESSES, **env, "LAVIS_EXT_STAGE2_CKPT": str(checkpoint or "")})
+               {**PROCESSES, **env, "LAVIS_EXT_STAGE2_CKPT": str(checkpoint or "")}, root / "logs" / f"vqa_{name}.log")
     (metrics_file,) = output.glob("*/test_metrics.json")
     metrics = json.loads(metrics_file.read_text())
     return {"overall": metrics["agg_metrics"] / 100, **{t: metrics[t] / 100 for t in ANSWER_TYPES}}
