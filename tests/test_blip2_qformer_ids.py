@@ -235,7 +235,7 @@ def test_wrong_number_of_ids_raises(model):
 # --------------------------------------------------------------------------- two ranks
 
 DDP_SCRIPT = textwrap.dedent('''
-    import json, os, torch, torch.distributed as dist
+    import json, os, sys, torch, torch.distributed as dist
     import lavis_ext  # patches first: before anything imports lavis
     from omegaconf import OmegaConf
     from lavis.common.registry import registry
@@ -256,15 +256,15 @@ DDP_SCRIPT = textwrap.dedent('''
     out.loss.backward()
     targets = out.sims.sim_i2t_targets
     weights = itm_negative_weights(out.sims.sim_t2i, targets > 0, rank)
-    print(f"RANK {rank} TARGETS " + json.dumps(targets.tolist()), flush=True)
-    print(f"RANK {rank} ITM_ZERO " + json.dumps((weights == 0).nonzero().tolist()), flush=True)
-    print(f"RANK {rank} LOSS {out.loss.item():.6f}", flush=True)
+    result = {"TARGETS": targets.tolist(), "ITM_ZERO": (weights == 0).nonzero().tolist(), "LOSS": out.loss.item()}
     # rank 1's batch has no ids (e.g. VG): both ranks still gather, nobody hangs
     if rank == 1:
         del samples["image_id"]
     out = model(samples)
     out.loss.backward()
-    print(f"RANK {rank} MIXED " + json.dumps(out.sims.sim_i2t_targets.tolist()), flush=True)
+    result["MIXED"] = out.sims.sim_i2t_targets.tolist()
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:  # one file per rank: stdout interleaves
+        json.dump(result, f)
     dist.destroy_process_group()
 ''')
 
@@ -272,11 +272,11 @@ DDP_SCRIPT = textwrap.dedent('''
 def test_two_ranks_share_positives(tiny_env, tmp_path):
     script = tmp_path / "ids_two_ranks.py"
     script.write_text(DDP_SCRIPT)
-    result = torchrun([str(script)], tiny_env, nproc=2, timeout=120)
+    result = torchrun([str(script), str(tmp_path)], tiny_env, nproc=2, timeout=120)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
 
     def line(rank, key):
-        return json.loads(re.search(rf"^RANK {rank} {key} (.*)$", result.stdout, re.M).group(1))
+        return json.loads((tmp_path / f"rank{rank}.json").read_text())[key]
 
     # global ids: [coco_7, coco_1 | vg_3, coco_7]; coco_7 sits at column 0 (rank 0) and 3 (rank 1)
     assert line(0, "TARGETS") == [[0.5, 0, 0, 0.5], [0, 1, 0, 0]]
@@ -285,7 +285,7 @@ def test_two_ranks_share_positives(tiny_env, tmp_path):
     assert line(0, "ITM_ZERO") == [[0, 0], [0, 3], [1, 1]]
     assert line(1, "ITM_ZERO") == [[0, 2], [1, 0], [1, 3]]
     for rank in (0, 1):
-        assert math.isfinite(float(re.search(rf"^RANK {rank} LOSS (\S+)$", result.stdout, re.M).group(1)))
+        assert math.isfinite(line(rank, "LOSS"))
     # rank 1 without ids: stock diagonal there, and rank 0's coco_7 no longer matches column 3
     assert line(0, "MIXED") == [[1, 0, 0, 0], [0, 1, 0, 0]]
     assert line(1, "MIXED") == [[0, 0, 1, 0], [0, 0, 0, 1]]
