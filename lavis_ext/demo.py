@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from lavis_ext.runners.runner_ext import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_DIR = REPO / "lavis_ext" / "projects" / "demo"
@@ -73,25 +76,36 @@ def demo_env(root: Path, assets: dict) -> dict[str, str]:
             "LAVIS_EXT_VIT": str(assets["vit"]), "LAVIS_EXT_TINY_LLM": str(assets["llm"])}
 
 
-def run_script(script: str, cfg_path: Path, options: list[str], env: dict[str, str], log: Path) -> None:
-    """Run ``run_scripts/blip2/<script>`` with ``CFG_PATH``, its output into ``log``; raise with the log's tail on failure."""
+def run_script(script: str, cfg_path: Path, options: list[str], env: dict[str, str], log: Path,
+               progress: Path | None = None) -> None:
+    """Run ``run_scripts/blip2/<script>`` with ``CFG_PATH``, its output into ``log``; raise with the log's tail
+    on failure. With ``progress`` (a run's ``output_dir``), a progress bar counts its logged iterations."""
     env = {**os.environ, "PYTHON": sys.executable, "CFG_PATH": str(cfg_path), **env}
     command = ["bash", f"run_scripts/blip2/{script}"] + (["--options", *options] if options else [])
     print(f"running {command[1]} with {cfg_path.name} (log: {log})", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        returncode = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    if returncode != 0:
+    with open(log, "w") as out, tqdm(desc=f"{cfg_path.stem}: iterations", unit="it", disable=progress is None) as bar:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while child.poll() is None:
+            time.sleep(1.0)
+            if progress is not None:
+                bar.update(logged_iterations(progress) - bar.n)
+    if child.returncode != 0:
         raise RuntimeError(f"{script} (CFG_PATH={cfg_path}) failed; the end of {log}:\n{log.read_text()[-4000:]}")
 
 
+def logged_iterations(output_dir: Path) -> int:
+    """Lines in the ``metrics.jsonl`` files under ``output_dir`` (runner_ext logs one per iteration)."""
+    return sum(len(f.read_bytes().splitlines()) for f in output_dir.glob(f"*/{METRICS_FILE}"))
+
+
 def job_dir(output_dir: Path) -> Path:
-    (job,) = (p.parent for p in output_dir.glob("*/metrics.jsonl"))
+    (job,) = (p.parent for p in output_dir.glob(f"*/{METRICS_FILE}"))
     return job
 
 
 def losses(output_dir: Path) -> list[float]:
-    metrics = job_dir(output_dir) / "metrics.jsonl"
+    metrics = job_dir(output_dir) / METRICS_FILE
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
@@ -102,12 +116,14 @@ def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = ()
     env = {**PROCESSES, **env}
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env, root / "logs" / "stage1.log")
+    run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env, root / "logs" / "stage1.log",
+               progress=root / "demo" / "pretrain_stage1")
     stage1 = job_dir(root / "demo" / "pretrain_stage1")
     timings["stage1"] = time.perf_counter() - start
     start = time.perf_counter()
     run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
-               {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")}, root / "logs" / "stage2.log")
+               {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")}, root / "logs" / "stage2.log",
+               progress=root / "demo" / "pretrain_stage2")
     timings["stage2"] = time.perf_counter() - start
     return {"stage1": stage1, "stage2": job_dir(root / "demo" / "pretrain_stage2")}
 

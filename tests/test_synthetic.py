@@ -88,20 +88,35 @@ def test_every_answer_type_is_asked(world):
     assert types == set(ANSWER_TYPES)
 
 
-def test_caption_builder_builds_a_dataset_through_lavis(world):
+@pytest.mark.parametrize("captions", ["train.json", "train_zh.json"])
+def test_caption_builder_builds_a_dataset_through_lavis(world, captions):
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
     block = OmegaConf.create({
         "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64, "min_scale": 1.0}},
         "text_processor": {"train": {"name": "blip_caption"}},
-        "build_info": {"annotations": {"train": {"storage": str(world / "train.json")}},
+        "build_info": {"annotations": {"train": {"storage": str(world / captions)}},
                        "images": {"storage": str(world / "images")}},
     })
     datasets = registry.get_builder_class("synthetic_caption")(block).build_datasets()
     sample = datasets["train"][0]
     assert tuple(sample["image"].shape) == (3, 64, 64)
-    assert sample["text_input"] == json.loads((world / "train.json").read_text())[0]["caption"]
+    assert sample["text_input"] == json.loads((world / captions).read_text(encoding="utf-8"))[0]["caption"]
+
+
+def test_chinese_captions_name_the_same_groups(world):
+    from lavis_ext.datasets.synthetic import COLOURS_ZH, NUMBER_WORDS_ZH, SHAPES_ZH
+
+    for split in SPLITS:
+        english = json.loads((world / f"{split}.json").read_text())
+        chinese = json.loads((world / f"{split}_zh.json").read_text(encoding="utf-8"))
+        assert [r["image_id"] for r in chinese] == [r["image_id"] for r in english]
+        for en, zh in zip(english, chinese):
+            en_text = en["caption"] if split == "train" else en["caption"][0]
+            zh_text = zh["caption"] if split == "train" else zh["caption"][0]
+            expected = "和".join(f"{NUMBER_WORDS_ZH[n]}{COLOURS_ZH[c]}{SHAPES_ZH[s]}" for n, c, s in parse_caption(en_text))
+            assert zh_text == expected
 
 
 def test_missing_annotation_file_is_named(tmp_path):

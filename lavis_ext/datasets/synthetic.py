@@ -14,6 +14,8 @@ Files under ``ROOT`` (everything is a pure function of the seed):
 - ``images/<split>/<image_id>.png``
 - ``<split>.json``: COCO Karpathy captions; ``train`` has one record per caption
   (``{"image", "caption", "image_id"}``), ``val``/``test`` one record per image with a caption list.
+- ``<split>_zh.json``: the same in Chinese (``"两个红色圆形和一个蓝色方形"``), for
+  ``synthetic_caption`` with ``build_info.annotations.train.storage`` pointed at it.
 - ``objects_<split>.json``: ``{image_id: [{"colour", "shape", "row", "col", "x", "y"}]}`` (ground truth).
 - VQA in LAVIS's ``coco_vqa`` eval format (:func:`~lavis_ext.datasets.vqa.write_vqa_files`):
   ``vqa_<split>.json`` (``question_id``, ``question``, ``answer`` x 10, ``image``, ``image_id``),
@@ -52,6 +54,10 @@ COLOURS = {"red": (220, 30, 30), "green": (20, 160, 40), "blue": (30, 60, 230), 
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+# Chinese captions (the blog's goal): "两个红色圆形和一个蓝色方形"
+COLOURS_ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
+SHAPES_ZH = {"circle": "圆形", "square": "方形", "triangle": "三角形", "cross": "十字"}
+NUMBER_WORDS_ZH = {1: "一个", 2: "两个", 3: "三个", 4: "四个"}
 CELL = 16  # pixels per grid cell = the demo ViT's patch size
 GRID = 4
 IMAGE_SIZE = CELL * GRID
@@ -133,6 +139,11 @@ def caption(objects: list[Obj]) -> str:
     return " and ".join(parts)
 
 
+def caption_zh(objects: list[Obj]) -> str:
+    """The Chinese caption, same groups in the same order: ``"两个红色圆形和一个蓝色方形"``."""
+    return "和".join(f"{NUMBER_WORDS_ZH[n]}{COLOURS_ZH[c]}{SHAPES_ZH[s]}" for n, c, s in groups(objects))
+
+
 def eval_captions(objects: list[Obj]) -> list[str]:
     """Reference captions of a val/test image."""
     text = caption(objects)
@@ -187,7 +198,7 @@ def questions(objects: list[Obj], rng: random.Random) -> list[QA]:
 
 
 def _write_json(path: Path, content) -> None:
-    path.write_text(json.dumps(content))
+    path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
 
 
 def make_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
@@ -201,7 +212,7 @@ def make_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = N
         rng = random.Random(f"{seed}-{split}")
         image_dir = root / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        captions, objects_by_id, vqa = [], {}, []
+        captions, captions_zh, objects_by_id, vqa = [], [], {}, []
         for n in range(sizes[split]):
             image_id = ID_OFFSET[split] + n
             image = f"{split}/{image_id}.png"
@@ -210,13 +221,16 @@ def make_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = N
             objects_by_id[image_id] = [asdict(o) for o in objects]
             if split == "train":
                 captions.append({"image": image, "caption": caption(objects), "image_id": image_id})
+                captions_zh.append({"image": image, "caption": caption_zh(objects), "image_id": image_id})
             else:
                 captions.append({"image": image, "caption": eval_captions(objects), "image_id": image_id})
+                captions_zh.append({"image": image, "caption": [caption_zh(objects)], "image_id": image_id})
             for k, qa in enumerate(questions(objects, rng)):
                 vqa.append({"question_id": image_id * 10 + k, "question": qa.question,
                             "answers": [qa.answer] * ANSWERS_PER_QUESTION, "image": image, "image_id": image_id,
                             "answer_type": qa.answer_type, "question_type": qa.question_type})
         _write_json(root / f"{split}.json", captions)
+        _write_json(root / f"{split}_zh.json", captions_zh)
         _write_json(root / f"objects_{split}.json", objects_by_id)
         write_vqa_files(root, split, vqa)
     return root
