@@ -25,9 +25,9 @@ from lavis.common.registry import registry
 from lavis_ext import offline
 from lavis_ext.runners.runner_ext import find_latest_checkpoint
 
-# run options read by runner_ext or this module that stock yamls do not carry
+# run options read by runner_ext, lavis-ext's tasks or this module that stock yamls do not carry
 EXTRA_RUN_KEYS = {"amp", "accum_grad_iters", "save_every_iters", "max_iters", "max_nonfinite_steps",
-                  "resume_ckpt_path", "find_unused_parameters", "seed", "runner", "evaluate"}
+                  "resume_ckpt_path", "find_unused_parameters", "seed", "runner", "evaluate", "length_penalty"}
 
 
 class OptionsError(KeyError):

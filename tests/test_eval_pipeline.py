@@ -76,7 +76,7 @@ def test_caption_yaml(tiny_env, tiny_llm, tmp_path):
     ann = make_caption_data(tmp_path / "data", num_images=NUM_IMAGES, split="test")
     job = evaluate("caption_coco_internlm2_eval.yaml",
                    [*dataset_options("coco_caption_ext", "test", [ann], tmp_path / "data" / "images"),
-                    "run.min_len=1"],
+                    "run.min_len=1", "run.length_penalty=1.0"],  # a key the caption yaml does not carry
                    tiny_env, tiny_llm, tmp_path / "out")
     rows = read(job, "test_predictions.json")
     assert sorted(r["image_id"] for r in rows) == [f"coco_{n}" for n in range(NUM_IMAGES)]
