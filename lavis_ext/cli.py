@@ -117,4 +117,9 @@ def run(argv: list[str] | None, evaluate: bool):
         runner.evaluate(skip_reload=True)
     else:
         runner.train()
+    if is_dist_avail_and_initialized():
+        # Rank 0 may still be scoring: leave together, and close the group before exit (a rank
+        # exiting with a live gloo group can abort with "terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
     return runner
