@@ -10,7 +10,7 @@
 3. held-out test images: caption attribute accuracy (colour F1, shape F1, object count) and
    zero-shot VQA through ``evaluate.py`` (``run_scripts/blip2/eval/`` with the demo VQA yaml, the
    official VQA accuracy by answer type) of the trained model, against an untrained control (same
-   parts, Q-Former and projection as initialised) and the majority-answer baseline;
+   parts, Q-Former and projection as initialised) and the chance and majority-answer baselines;
 4. a summary table, sample captions beside the truth, and both stages' loss curves in
    ``<output>/loss_curves.png``.
 """
@@ -182,10 +182,11 @@ def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path |
 
 
 def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict:
-    """Trained model vs untrained control on the test split, and the majority baseline."""
-    from lavis_ext.datasets.synthetic import majority_baseline, read_annotations
+    """Trained model vs untrained control on the test split, and the chance and majority baselines."""
+    from lavis_ext.datasets.synthetic import chance_baseline, majority_baseline, read_annotations
 
-    result = {"majority": {"vqa": majority_baseline(read_annotations(world, "train"), read_annotations(world, "test"))}}
+    train, test = read_annotations(world, "train"), read_annotations(world, "test")
+    result = {"chance": {"vqa": chance_baseline(train, test)}, "majority": {"vqa": majority_baseline(train, test)}}
     for name, checkpoint in (("untrained", None), ("trained", stage2 / "checkpoint_last.pth")):
         scores, samples = caption_scores(load_demo_model(checkpoint), world)
         result[name] = {"captions": scores, "samples": samples[:NUM_SAMPLES],
@@ -218,7 +219,7 @@ def summary(stages: dict[str, dict], result: dict) -> str:
     lines.append(f"{'total':<10}{sum(stage['seconds'] for stage in stages.values()):>9.0f}")
     lines += ["", "held-out test images", f"{'model':<11}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}"
               f"{'count':>7}{'VQA y/n':>9}{'number':>8}{'other':>7}{'overall':>9}"]
-    for name in ("majority", "untrained", "trained"):
+    for name in ("chance", "majority", "untrained", "trained"):
         captions, vqa = result[name].get("captions"), result[name]["vqa"]
         caption_cells = (f"{captions['attribute']:>10.3f}{captions['colour_f1']:>10.3f}{captions['shape_f1']:>10.3f}"
                          f"{captions['count_acc']:>7.3f}" if captions else f"{'':>37}")

@@ -152,3 +152,17 @@ def test_majority_baseline_by_hand():
     assert majority_baseline(train, evaluated) == pytest.approx(
         {"yes/no": 0.5, "number": 0.5, "other": 0.0, "overall": 2 / 5})
     assert vqa_accuracy(["No ", "yes", "3", "1", "blue"], evaluated)["overall"] == pytest.approx(4 / 5)
+
+
+def test_chance_baseline_by_hand():
+    from lavis_ext.datasets.synthetic import chance_baseline
+
+    def ann(answer_type, answer):
+        return {"answer_type": answer_type, "multiple_choice_answer": answer}
+
+    train = [ann("yes/no", "no"), ann("yes/no", "yes"), ann("number", "1"), ann("number", "2"), ann("number", "3"),
+             ann("other", "red")]
+    evaluated = [ann("yes/no", "no"), ann("number", "2"), ann("number", "4"), ann("other", "red")]
+    # a uniform pick among {no, yes}: 1/2; among {1, 2, 3}: 1/3 when the truth is one of them, else 0; {red}: 1
+    assert chance_baseline(train, evaluated) == pytest.approx(
+        {"yes/no": 1 / 2, "number": (1 / 3 + 0) / 2, "other": 1.0, "overall": (1 / 2 + 1 / 3 + 0 + 1) / 4})

@@ -30,7 +30,7 @@ VQA-normalised form (lowercase, digits).
 Scoring: :func:`attribute_scores` parses generated captions (:func:`parse_caption`) and compares
 colours (F1), shapes (F1) and the object count (accuracy) with the truth;
 :func:`majority_baseline` is the VQA accuracy of always giving the train split's most common
-answer of each answer type.
+answer of each answer type, :func:`chance_baseline` that of a uniformly random answer of the type.
 
 Registers the ``synthetic_caption`` and ``synthetic_vqa`` builders (default configs in
 ``configs/datasets/synthetic/``).
@@ -313,6 +313,19 @@ def majority_baseline(train: list[dict], evaluated: list[dict]) -> dict[str, flo
     majority = {t: Counter(a["multiple_choice_answer"] for a in train if a["answer_type"] == t).most_common(1)[0][0]
                 for t in {a["answer_type"] for a in train}}
     return vqa_accuracy([majority[a["answer_type"]] for a in evaluated], evaluated)
+
+
+def chance_baseline(train: list[dict], evaluated: list[dict]) -> dict[str, float]:
+    """Expected VQA accuracy on ``evaluated`` of answering uniformly at random among the train split's
+    distinct answers of the question's answer type."""
+    answers = {t: {a["multiple_choice_answer"] for a in train if a["answer_type"] == t} for t in ANSWER_TYPES}
+    hits: dict[str, list[float]] = {t: [] for t in ANSWER_TYPES}
+    for ann in evaluated:
+        choices = answers[ann["answer_type"]]
+        hits[ann["answer_type"]].append(float(ann["multiple_choice_answer"] in choices) / len(choices))
+    result = {t: sum(h) / len(h) for t, h in hits.items() if h}
+    result["overall"] = sum(sum(h) for h in hits.values()) / len(evaluated)
+    return result
 
 
 # --------------------------------------------------------------------------- LAVIS builder
