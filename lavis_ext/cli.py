@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
+import gc
 import random
+import signal
 from argparse import Namespace
 from pathlib import Path
 
@@ -88,6 +91,7 @@ def decide_job_id(run_cfg, resume: str | None) -> str:
 
 def run(argv: list[str] | None, evaluate: bool):
     """Build config, task, datasets, model and runner; train (or evaluate). Returns the runner."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is a hung rank?
     args = parse_args(argv, "lavis-ext evaluation" if evaluate else "lavis-ext training")
     cfg = Config(args)
     check_options(cfg, args.options)
@@ -118,8 +122,19 @@ def run(argv: list[str] | None, evaluate: bool):
     else:
         runner.train()
     if is_dist_avail_and_initialized():
-        # Rank 0 may still be scoring: leave together, and close the group before exit (a rank
-        # exiting with a live gloo group can abort with "terminate called without an active exception").
-        dist.barrier()
-        dist.destroy_process_group()
+        close_distributed(runner)
     return runner
+
+
+def close_distributed(runner) -> None:
+    """Leave together and tear down in order.
+
+    Rank 0 may still be scoring, hence the barrier. DDP holds a reference to the process group,
+    so it is freed first: freed after ``destroy_process_group`` (when the runner is collected)
+    a rank could hang in the gloo teardown, and exiting with a live group could abort with
+    "terminate called without an active exception".
+    """
+    runner._wrapped_model = None  # RunnerBase's DDP wrapper; the bare model stays
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

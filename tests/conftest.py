@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,37 @@ def tiny_env(tiny_parts, tiny_coco) -> dict[str, str]:
     return env
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux ``/proc``)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 def run_python(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """``python ARGS`` with captured output. A run that hangs past ``timeout`` fails with the
+    Python stacks of its ranks (``SIGUSR1``, see ``lavis_ext.cli``) and its output's tail."""
+    process = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in child_pids(process.pid) or [process.pid]:  # torchrun's workers, or the process
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(1)  # the stacks end the output
+        for pid in child_pids(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n--- stdout\n{stdout[-3000:]}\n"
+                    f"--- stderr (with the ranks' stacks)\n{stderr[-12000:]}", pytrace=False)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO, run_python, torchrun
@@ -56,6 +57,43 @@ def test_stock_lavis_checkpoint_resumes(tiny_env, tmp_path):
     torch.save(stock, tmp_path / "stock.pth")
     result = train(tiny_env, tmp_path / "b", f"run.resume_ckpt_path={tmp_path / 'stock.pth'}", nproc=0)
     assert "resumed from" in result.stderr and "at epoch 1" in result.stderr
+
+
+def test_hung_run_fails_with_each_ranks_stack(tiny_env, tmp_path):
+    """A run past its time limit is reported with both ranks' Python stacks (SIGUSR1 -> faulthandler)."""
+    endless = ["train.py", "--cfg-path", STAGE1_STOCK, "--options", f"run.output_dir={tmp_path}", "run.max_epoch=100000"]
+    with pytest.raises(pytest.fail.Exception) as failure:
+        torchrun(endless, tiny_env, timeout=45)
+    message = str(failure.value)
+    assert "timed out after 45 s" in message
+    assert message.count("lavis_ext/cli.py") >= 2, message[-3000:]
+
+
+CLOSE_SCRIPT = """
+import sys, weakref, torch, torch.distributed as dist
+from types import SimpleNamespace
+from lavis_ext.cli import close_distributed
+dist.init_process_group("gloo")
+runner = SimpleNamespace(_wrapped_model=torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2)))
+wrapper = weakref.ref(runner._wrapped_model)
+destroy = dist.destroy_process_group
+def checked_destroy():
+    print(f"rank {dist.get_rank()}: DDP alive at destroy: {wrapper() is not None}", flush=True)
+    destroy()
+dist.destroy_process_group = checked_destroy
+close_distributed(runner)
+"""
+
+
+def test_ddp_is_freed_before_the_process_group(tiny_env, tmp_path):
+    """Freed after destroy_process_group, DDP hung the exit of a gloo rank (8 of 40 launches
+    of a 2-rank job on loaded cores; 0 of 40 in this order)."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT)
+    result = torchrun([str(script)], tiny_env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: DDP alive at destroy: False" in result.stdout
 
 
 def test_unknown_option_is_refused(tiny_env, tmp_path):
