@@ -110,7 +110,12 @@ def case_dist_init_cpu():
     from lavis.common.dist_utils import init_distributed_mode
     import torch.distributed as dist
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+    import socket
+
+    with socket.socket() as probe:  # a free port: other tests' jobs may run beside this one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     args = Namespace(dist_url="env://")
     init_distributed_mode(args)
     assert args.distributed and dist.get_backend() == "gloo"

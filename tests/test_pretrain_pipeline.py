@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,22 @@ def test_stage2_single_process_two_iterations(tiny_env, tiny_llm, tiny_coco, tmp
                          "run.distributed=False", "run.max_iters=2", f"run.output_dir={tmp_path / 'out'}"], tiny_env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(losses(tmp_path / "out")) == 2
+
+
+def test_scripts_launch_together_beside_a_job_on_the_usual_port():
+    """Jobs sharing a machine: every script's rendezvous takes a free port (torchrun's usual 29500 is held)."""
+    env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1"}
+    with socket.socket() as other_job:
+        try:
+            other_job.bind(("127.0.0.1", 29500))
+            other_job.listen()
+        except OSError:
+            pass  # another job holds it already: the same situation
+        scripts = sorted((REPO / "run_scripts" / "blip2").glob("*/*.sh"))
+        launches = [subprocess.Popen(["bash", str(script), "--help"], cwd=REPO, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in scripts]
+        results = [(script.name, launch.communicate(timeout=300), launch.returncode)
+                   for script, launch in zip(scripts, launches)]
+    assert len(results) == 6
+    for name, (stdout, stderr), returncode in results:
+        assert returncode == 0 and "--cfg-path" in stdout, f"{name}:\n{stderr[-3000:]}"
