@@ -149,10 +149,11 @@ def load_demo_model(checkpoint: Path | None):
 
 def split_images(world: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
     """The split's images ``[N, 3, S, S]`` (eval processing) and caption records, both by image id."""
+    from lavis_ext.datasets.synthetic import read_world_file
     from lavis_ext.tiny.pretrain_vit import load_split
 
     images, _, _ = load_split(world, split)
-    return images, sorted(json.loads((world / f"{split}.json").read_text()), key=lambda r: r["image_id"])
+    return images, sorted(read_world_file(world, f"{split}.json"), key=lambda r: r["image_id"])
 
 
 def caption_scores(model, world: Path, split: str = "test") -> tuple[dict[str, float], list[tuple[str, str]]]:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from lavis_ext.datasets.base import read_json
 from lavis_ext.datasets.builders import COCOCaptionBuilderExt, COCOVQABuilderExt, register_builder_ext
 from lavis_ext.datasets.vqa import write_vqa_files
 
@@ -284,14 +285,19 @@ def attribute_scores(predicted: list[str], truth: list[str]) -> dict[str, float]
     return scores
 
 
-def read_annotations(root: str | Path, split: str) -> list[dict]:
-    """``<split>_annotations.json``'s annotations; raises naming the file when it is missing or malformed."""
-    path = Path(root) / f"{split}_annotations.json"
+def read_world_file(root: str | Path, name: str):
+    """The JSON file ``name`` of the world under ``root``; a missing one says how to write it."""
+    path = Path(root) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.datasets.synthetic.make_world")
-    content = json.loads(path.read_text())
+    return read_json(path, "world file")
+
+
+def read_annotations(root: str | Path, split: str) -> list[dict]:
+    """``<split>_annotations.json``'s annotations; raises naming the file when it is missing or malformed."""
+    content = read_world_file(root, f"{split}_annotations.json")
     if "annotations" not in content:
-        raise ValueError(f"{path}: missing key 'annotations'")
+        raise ValueError(f"{Path(root) / f'{split}_annotations.json'}: missing key 'annotations'")
     return content["annotations"]
 
 

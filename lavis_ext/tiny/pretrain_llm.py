@@ -15,7 +15,6 @@ loads back through :func:`~lavis_ext.models.internlm2.load_internlm2_llm` like a
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from lavis_ext.constants import IGNORE_INDEX
+from lavis_ext.datasets.synthetic import read_world_file
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.conversion import LAYER_NAMES, TOP_LEVEL_NAMES
 from lavis_ext.tiny.internlm2 import make_tiny_internlm2
@@ -82,22 +82,16 @@ def save_internlm2_weights(model: LlamaForCausalLM, dst: str | Path) -> Path:
 # --------------------------------------------------------------------------- the world's text
 
 
-def _read_list(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.datasets.synthetic.make_world")
-    return json.loads(path.read_text())
-
-
 def stage0_examples(world_root: str | Path, qa_prompt: str = QA_PROMPT) -> list[tuple[str, str, str]]:
     """``(context, prompt, target)`` for every train caption and train question."""
     root = Path(world_root)
     captions = {}
-    for record in _read_list(root / "train.json"):
+    for record in read_world_file(root, "train.json"):
         if "caption" not in record or "image_id" not in record:
             raise ValueError(f"{root / 'train.json'}: record {record!r} lacks 'caption' or 'image_id'")
         captions[record["image_id"]] = record["caption"]
     examples = [(text, "", text) for text in captions.values()]
-    for record in _read_list(root / "vqa_train.json"):
+    for record in read_world_file(root, "vqa_train.json"):
         examples.append((captions[record["image_id"]], qa_prompt.format(record["question"]), record["answer"][0]))
     return examples
 

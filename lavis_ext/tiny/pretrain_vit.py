@@ -8,7 +8,6 @@ layout ``model.vit_path`` / ``LAVIS_EXT_VIT`` reads.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lavis_ext import offline
-from lavis_ext.datasets.synthetic import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES
+from lavis_ext.datasets.synthetic import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES, read_world_file
 from lavis_ext.tiny.blip2 import make_tiny_vit
 
 VIT_SIZES = {"patch_size": CELL, "embed_dim": 128, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}
@@ -31,12 +30,8 @@ def load_split(world_root: str | Path, split: str = "train") -> tuple[torch.Tens
     """Images ``[N, 3, S, S]`` (the eval processor's normalisation) and per-cell colour and shape
     labels ``[N, GRID, GRID]``, from ``<split>.json`` and ``objects_<split>.json``."""
     root = Path(world_root)
-    paths = {name: root / name for name in (f"{split}.json", f"objects_{split}.json")}
-    for path in paths.values():
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.datasets.synthetic.make_world")
-    objects = json.loads(paths[f"objects_{split}.json"].read_text())
-    image_of = {r["image_id"]: r["image"] for r in json.loads(paths[f"{split}.json"].read_text())}
+    objects = read_world_file(root, f"objects_{split}.json")
+    image_of = {r["image_id"]: r["image"] for r in read_world_file(root, f"{split}.json")}
     processor = BlipImageEvalProcessor(image_size=IMAGE_SIZE)
     images = []
     colours = torch.full((len(image_of), GRID, GRID), EMPTY, dtype=torch.long)
