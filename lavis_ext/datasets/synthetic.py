@@ -255,8 +255,8 @@ def parse_caption(text: str) -> list[tuple[int, str | None, str]]:
             count, colour = counts[word], None
         elif word in COLOURS:
             colour = word
-        elif _singular(word):
-            found.append((count, colour, _singular(word)))
+        elif shape := _singular(word):
+            found.append((count, colour, shape))
             count, colour = 1, None
     return found
 
@@ -305,11 +305,17 @@ def vqa_accuracy(predicted: list[str], annotations: list[dict]) -> dict[str, flo
     """Exact-match accuracy (= VQA accuracy, the 10 answers agree) per answer type and ``overall``."""
     if len(predicted) != len(annotations):
         raise ValueError(f"vqa_accuracy: {len(predicted)} answers for {len(annotations)} questions")
-    hits: dict[str, list[bool]] = {t: [] for t in ANSWER_TYPES}
-    for answer, ann in zip(predicted, annotations):
-        hits[ann["answer_type"]].append(answer.strip().lower() == ann["multiple_choice_answer"])
-    result = {t: sum(h) / len(h) for t, h in hits.items() if h}
-    result["overall"] = sum(sum(h) for h in hits.values()) / len(annotations)
+    return _mean_by_type((answer.strip().lower() == ann["multiple_choice_answer"], ann)
+                         for answer, ann in zip(predicted, annotations))
+
+
+def _mean_by_type(scored) -> dict[str, float]:
+    """``(score, annotation)`` pairs -> the mean score per answer type and ``overall``."""
+    by_type: dict[str, list[float]] = {t: [] for t in ANSWER_TYPES}
+    for score, ann in scored:
+        by_type[ann["answer_type"]].append(float(score))
+    result = {t: sum(v) / len(v) for t, v in by_type.items() if v}
+    result["overall"] = sum(map(sum, by_type.values())) / sum(map(len, by_type.values()))
     return result
 
 
@@ -325,13 +331,8 @@ def chance_baseline(train: list[dict], evaluated: list[dict]) -> dict[str, float
     """Expected VQA accuracy on ``evaluated`` of answering uniformly at random among the train split's
     distinct answers of the question's answer type."""
     answers = {t: {a["multiple_choice_answer"] for a in train if a["answer_type"] == t} for t in ANSWER_TYPES}
-    hits: dict[str, list[float]] = {t: [] for t in ANSWER_TYPES}
-    for ann in evaluated:
-        choices = answers[ann["answer_type"]]
-        hits[ann["answer_type"]].append(float(ann["multiple_choice_answer"] in choices) / len(choices))
-    result = {t: sum(h) / len(h) for t, h in hits.items() if h}
-    result["overall"] = sum(sum(h) for h in hits.values()) / len(evaluated)
-    return result
+    return _mean_by_type((float(ann["multiple_choice_answer"] in answers[ann["answer_type"]])
+                          / len(answers[ann["answer_type"]]), ann) for ann in evaluated)
 
 
 # --------------------------------------------------------------------------- LAVIS builder

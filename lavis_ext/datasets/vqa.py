@@ -18,6 +18,7 @@ upstream's ``VQATask.valid_step`` called ``.item()`` on them).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
@@ -74,6 +75,11 @@ class GQAEvalDatasetExt(VQAEvalDatasetExt):
         return {**super()._sample(index, image), "answer": self.annotation[index]["answer"]}
 
 
+def most_common_answer(answers: list[str]) -> str:
+    """The answer most humans gave; on a tie, the first given (VQAv2's ``multiple_choice_answer``)."""
+    return Counter(answers).most_common(1)[0][0]
+
+
 def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list[Path]:
     """Write LAVIS ``coco_vqa`` eval files for ``questions`` and return their paths in builder order.
 
@@ -92,7 +98,7 @@ def write_vqa_files(root: str | Path, split: str, questions: list[dict]) -> list
         {"image_id": q["image_id"], "question": q["question"], "question_id": q["question_id"]} for q in questions])
     annotations = dict(header, annotations=[
         {"question_id": q["question_id"], "image_id": q["image_id"], "question_type": q["question_type"],
-         "answer_type": q["answer_type"], "multiple_choice_answer": max(set(q["answers"]), key=q["answers"].count),
+         "answer_type": q["answer_type"], "multiple_choice_answer": most_common_answer(q["answers"]),
          "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q["answers"])]}
         for q in questions])
     files = {f"vqa_{split}.json": eval_list,

@@ -26,6 +26,7 @@ from lavis.common.vqa_tools.vqa_eval import VQAEval
 from lavis.tasks.vqa import VQATask
 
 from lavis_ext.checkpoint import atomic_write_text
+from lavis_ext.datasets.vqa import most_common_answer
 from lavis_ext.tasks.common import EvalTaskMixin, format_table, most_frequent
 
 YES_NO = ("yes", "no")
@@ -77,12 +78,11 @@ def answer_report(title: str, metrics: dict, rows: list[dict]) -> list[str]:
     lines = [f"{title}: {len(rows)} questions, accuracy {metrics['agg_metrics']:.2f}", ""]
     lines += format_table(("answer type", "questions", "accuracy"),
                           [(t, len(a), f"{sum(a) / len(a):.2f}") for t, a in sorted(by_type.items())])
-    wrong = [row for row in rows if row["accuracy"] == 0]
+    wrong = [(normalize_answer(row["prediction"]), row["answers"]) for row in rows if row["accuracy"] == 0]
     truths: dict[str, Counter] = {}
-    for row in wrong:
-        usual = Counter(row["answers"]).most_common(1)[0][0]
-        truths.setdefault(normalize_answer(row["prediction"]), Counter())[usual] += 1
-    top = most_frequent(normalize_answer(row["prediction"]) for row in wrong)
+    for prediction, answers in wrong:
+        truths.setdefault(prediction, Counter())[most_common_answer(answers)] += 1
+    top = most_frequent(prediction for prediction, _ in wrong)
     lines += ["", f"{len(wrong)} answers scored 0; the most frequent (normalised as scored):"]
     lines += format_table(("prediction", "count", "usual truth"),
                           [(repr(p), n, truths[p].most_common(1)[0][0]) for p, n in top])
