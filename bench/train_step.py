@@ -25,6 +25,8 @@ from common import (
     warm_up,
 )
 
+from lavis_ext.constants import IGNORE_INDEX
+
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:
     """One optimizer step on ``loss_fn()``: AdamW over the trainable parameters (fused on CUDA)."""
@@ -62,7 +64,7 @@ def main() -> None:
         _, _, labels = lavis.build_llm_inputs(lavis.encode_images(pixels), prompts, texts)
     hf_shape = hf_text_inputs(lavis, prompts, texts, image_token, device)["labels"].shape
     assert labels.shape == hf_shape, f"lavis-ext sequences {tuple(labels.shape)} != HF {tuple(hf_shape)}"
-    seq_len, n_targets = labels.shape[1], int((labels[:, 1:] != -100).sum())
+    seq_len, n_targets = labels.shape[1], int((labels[:, 1:] != IGNORE_INDEX).sum())
 
     models = {"lavis-ext": lavis, "hf": hf}
     steps = {

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +48,14 @@ OTHER_GOAL = 1.5  # VQA "other" accuracy over the majority baseline's
 # --------------------------------------------------------------------------- steps 1-2: parts and training
 
 
+@contextmanager
+def timed(timings: dict[str, float], name: str):
+    """Record the wall time of the ``with`` block as ``timings[name]`` (seconds)."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
 def make_assets(root: Path, llm_steps: int = LLM_STEPS, vit_steps: int = VIT_STEPS,
                 world_sizes: dict[str, int] | None = None) -> dict:
     """World under ``root/data/synthetic`` (the yamls' ``$LAVIS_CACHE_ROOT/synthetic``), then the parts."""
@@ -56,16 +65,13 @@ def make_assets(root: Path, llm_steps: int = LLM_STEPS, vit_steps: int = VIT_STE
     from lavis_ext.tiny.pretrain_vit import pretrain_tiny_vit
 
     timings, results = {}, {}
-    start = time.perf_counter()
-    world = make_world(root / "data" / "synthetic", sizes=world_sizes)
-    bert = make_tiny_bert(root / "bert", texts=world_texts(stage0_examples(world)), **BERT_SIZES)
-    timings["world"] = time.perf_counter() - start
-    start = time.perf_counter()
-    results["vit"] = pretrain_tiny_vit(world, root / "vit", steps=vit_steps)
-    timings["vit"] = time.perf_counter() - start
-    start = time.perf_counter()
-    results["stage0"] = pretrain_tiny_llm(world, root / "llm", steps=llm_steps)
-    timings["stage0"] = time.perf_counter() - start
+    with timed(timings, "world"):
+        world = make_world(root / "data" / "synthetic", sizes=world_sizes)
+        bert = make_tiny_bert(root / "bert", texts=world_texts(stage0_examples(world)), **BERT_SIZES)
+    with timed(timings, "vit"):
+        results["vit"] = pretrain_tiny_vit(world, root / "vit", steps=vit_steps)
+    with timed(timings, "stage0"):
+        results["stage0"] = pretrain_tiny_llm(world, root / "llm", steps=llm_steps)
     return {"world": world, "bert": bert, "vit": root / "vit", "llm": root / "llm", "timings": timings,
             "results": results}
 
@@ -104,27 +110,20 @@ def job_dir(output_dir: Path) -> Path:
     return job
 
 
-def losses(output_dir: Path) -> list[float]:
-    metrics = job_dir(output_dir) / METRICS_FILE
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-
-
 def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = (), stage2_options: list[str] = (),
                  timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Stage 1 then stage 2 (2 CPU processes unless ``NPROC_PER_NODE`` says otherwise), each with its
     ``--options``; returns their job dirs. Each stage's wall time goes into ``timings`` when given."""
     env = {**PROCESSES, **env}
     timings = {} if timings is None else timings
-    start = time.perf_counter()
-    run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env, root / "logs" / "stage1.log",
-               progress=root / "demo" / "pretrain_stage1")
+    with timed(timings, "stage1"):
+        run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env, root / "logs" / "stage1.log",
+                   progress=root / "demo" / "pretrain_stage1")
     stage1 = job_dir(root / "demo" / "pretrain_stage1")
-    timings["stage1"] = time.perf_counter() - start
-    start = time.perf_counter()
-    run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
-               {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")}, root / "logs" / "stage2.log",
-               progress=root / "demo" / "pretrain_stage2")
-    timings["stage2"] = time.perf_counter() - start
+    with timed(timings, "stage2"):
+        run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
+                   {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")},
+                   root / "logs" / "stage2.log", progress=root / "demo" / "pretrain_stage2")
     return {"stage1": stage1, "stage2": job_dir(root / "demo" / "pretrain_stage2")}
 
 
@@ -234,21 +233,20 @@ def summary(stages: dict[str, dict], result: dict) -> str:
 
 def run_demo(root: Path) -> dict:
     """Everything above into ``root``; returns the stages, the evaluation and the plot's path."""
-    from lavis_ext.tools.plot_log import plot_stages
+    from lavis_ext.tools.plot_log import plot_stages, read_job
 
     assets = make_assets(root)
     env = demo_env(root, assets)
     os.environ.update(env)  # the in-process evaluation builds the model from the same yaml
     timings = dict(assets["timings"])
     jobs = train_stages(root, env, timings=timings)
-    start = time.perf_counter()
-    result = evaluate(root, env, assets["world"], jobs["stage2"])
-    timings["evaluate"] = time.perf_counter() - start
+    with timed(timings, "evaluate"):
+        result = evaluate(root, env, assets["world"], jobs["stage2"])
     stages = {name: {"seconds": seconds} for name, seconds in timings.items()}
     stages["vit"].update(steps=VIT_STEPS, **assets["results"]["vit"])
     stages["stage0"].update(steps=LLM_STEPS, **assets["results"]["stage0"])
     for name, job in jobs.items():
-        values = losses(job.parent)
+        values = read_job(job).series["loss"]
         stages[name].update(steps=len(values), first_loss=values[0], last_loss=values[-1])
     plot = plot_stages({"stage 1": jobs["stage1"], "stage 2": jobs["stage2"]}, root / "loss_curves.png")
     return {"stages": stages, "evaluation": result, "plot": plot}

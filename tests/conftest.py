@@ -1,6 +1,7 @@
 """Shared fixtures: tiny BLIP-2 parts and data, built once per session in a temp dir."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,9 @@ def tiny_model_env(tiny_parts, tiny_llm, monkeypatch):
     monkeypatch.setenv("LAVIS_EXT_VIT", str(tiny_parts["vit"]))
     monkeypatch.setenv("LAVIS_EXT_TINY_LLM", str(tiny_llm))
     monkeypatch.delenv("LAVIS_EXT_STAGE1_CKPT", raising=False)
+
+
+def losses(output_dir: Path) -> list[float]:
+    """Per-iteration losses of the one job under ``output_dir`` (runner_ext's ``metrics.jsonl``)."""
+    (metrics,) = output_dir.glob("*/metrics.jsonl")
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]

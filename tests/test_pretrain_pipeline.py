@@ -1,14 +1,13 @@
 """The pretraining pipeline on tiny parts: stage 1 (COCO + VG) -> stage 2 (InternLM2) through run_scripts/."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_python
+from conftest import REPO, losses, run_python
 
 from lavis_ext.tiny.blip2 import make_tiny_bert, make_tiny_vit
 from lavis_ext.tiny.data import make_caption_data, make_vg_caption_data
@@ -35,11 +34,6 @@ def run_script(script: str, options: list[str], env: dict[str, str]) -> None:
     result = subprocess.run(["bash", f"run_scripts/blip2/train/{script}", "--options", *options], cwd=REPO, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, f"{script} failed:\n{result.stderr[-4000:]}"
-
-
-def losses(output_dir: Path) -> list[float]:
-    (metrics,) = output_dir.glob("*/metrics.jsonl")
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
 def test_stage1_then_stage2_through_run_scripts(tmp_path):

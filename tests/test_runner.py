@@ -1,7 +1,6 @@
 """runner_ext through train.py: 2-process gloo training, checkpoints, exact resume, crash safety."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,14 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_python, torchrun
+from conftest import REPO, losses, run_python, torchrun
 
 STAGE1_STOCK = "tests/configs/stage1_stock_tiny.yaml"
-
-
-def losses(output_dir: Path) -> list[float]:
-    (metrics,) = output_dir.glob("*/metrics.jsonl")
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
 def train(env, output_dir: Path, *extra: str, nproc: int = 2):
