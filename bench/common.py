@@ -33,7 +33,11 @@ from lavis_ext.constants import IGNORE_INDEX  # noqa: E402
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLM, Blip2InternLMConfig  # noqa: E402
 from lavis_ext.models.internlm2 import internlm2_config_to_llama  # noqa: E402
 from lavis_ext.tiny.blip2 import make_tiny_bert, make_tiny_vit  # noqa: E402
-from lavis_ext.tiny.internlm2 import _random_weights, _save_weights, make_tiny_internlm2  # noqa: E402
+from lavis_ext.tiny.internlm2 import (  # noqa: E402
+    make_tiny_internlm2,
+    random_internlm2_weights,
+    write_internlm2_safetensors,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"  # generated checkpoints, reused across runs (git-ignored)
@@ -154,8 +158,8 @@ def _write_llm(dst: Path, d: Dims, dtype: torch.dtype) -> None:
     generation = json.loads((dst / "generation_config.json").read_text())
     generation["suppress_tokens"] = list(range(n_pieces, d.llm_vocab))
     (dst / "generation_config.json").write_text(json.dumps(generation))
-    weights = {name: w.to(dtype) for name, w in _random_weights(config, seed=0).items()}
-    _save_weights(dst, weights, sharded=False)
+    weights = {name: w.to(dtype) for name, w in random_internlm2_weights(config, seed=0).items()}
+    write_internlm2_safetensors(dst, weights, sharded=False)
 
 
 def checkpoint_dirs(size: str, device: torch.device) -> dict[str, Path]:

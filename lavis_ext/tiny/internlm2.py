@@ -90,7 +90,7 @@ def train_tiny_sentencepiece(
     return path
 
 
-def _random_weights(config: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+def random_internlm2_weights(config: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
     """InternLM2-named weights: matrices ~ N(0, 0.02²), norm weights ~ 1 + N(0, 0.1²).
 
     Non-unit norm weights make a swapped or dropped norm visible in the logits.
@@ -122,7 +122,7 @@ def _random_weights(config: Mapping[str, Any], seed: int) -> dict[str, torch.Ten
     return weights
 
 
-def _save_weights(dst: Path, weights: dict[str, torch.Tensor], sharded: bool) -> None:
+def write_internlm2_safetensors(dst: Path, weights: dict[str, torch.Tensor], sharded: bool) -> None:
     """``model.safetensors``, or two shards plus ``model.safetensors.index.json``."""
     if not sharded:
         save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
@@ -199,7 +199,7 @@ def make_tiny_internlm2(
         "transformers_version": "4.41.0",
     }
     _write_json(dst / "config.json", config)
-    _save_weights(dst, _random_weights(config, seed), sharded)
+    write_internlm2_safetensors(dst, random_internlm2_weights(config, seed), sharded)
 
     _write_json(
         dst / TOKENIZER_CONFIG_FILE,

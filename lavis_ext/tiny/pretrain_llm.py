@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
@@ -29,7 +28,7 @@ from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.datasets.synthetic import read_world_file
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.conversion import LAYER_NAMES, TOP_LEVEL_NAMES
-from lavis_ext.tiny.internlm2 import make_tiny_internlm2
+from lavis_ext.tiny.internlm2 import make_tiny_internlm2, write_internlm2_safetensors
 
 QA_PROMPT = "Question: {} Short answer:"  # blip2_internlm's default qa_prompt
 LLM_SIZES = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256,
@@ -71,7 +70,7 @@ def save_internlm2_weights(model: LlamaForCausalLM, dst: str | Path) -> Path:
     """Write ``dst/model.safetensors`` in InternLM2's layout (the rest of the directory is kept),
     and check that :func:`load_internlm2_llm` reads back a model with the same logits."""
     path = Path(dst) / "model.safetensors"
-    save_file(llama_to_internlm2_state_dict(model), path, metadata={"format": "pt"})
+    write_internlm2_safetensors(Path(dst), llama_to_internlm2_state_dict(model), sharded=False)
     probe = torch.arange(min(16, model.config.vocab_size)).unsqueeze(0)
     with torch.no_grad():
         if not torch.equal(model(probe).logits, load_internlm2_llm(dst)(probe).logits):
