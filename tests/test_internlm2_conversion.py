@@ -222,7 +222,7 @@ def test_split_wqkv_repacks_bit_exactly() -> None:
 
 
 def test_convert_state_dict_names_match_llama(tmp_path: Path) -> None:
-    ckpt = _tiny(tmp_path)
+    ckpt = _tiny(tmp_path, sharded=False)  # one weights file to read (the hub's two shards load below)
     config = internlm2_config_to_llama(json.loads((ckpt / "config.json").read_text()))
     stale = {"model.layers.0.attention.rotary_emb.inv_freq": torch.ones(8)}
     state_dict = load_file(ckpt / "model.safetensors") | stale
@@ -238,9 +238,9 @@ def test_convert_state_dict_names_match_llama(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- weight layouts
 @pytest.mark.parametrize("layout", ["safetensors_sharded", "bin", "bin_sharded"])
 def test_weight_layouts_load_identically(tmp_path: Path, layout: str) -> None:
-    single = _tiny(tmp_path, "single")
+    single = _tiny(tmp_path, "single", sharded=False)
     if layout == "safetensors_sharded":
-        other = _tiny(tmp_path, "sharded", sharded=True)
+        other = _tiny(tmp_path, "sharded")  # the hub's layout
         assert (other / "model.safetensors.index.json").is_file()
         assert not (other / "model.safetensors").exists()
     else:
@@ -313,7 +313,7 @@ def test_unsupported_rope_scaling_is_refused() -> None:
 
 
 def test_tied_word_embeddings_reuse_the_input_embedding(tmp_path: Path) -> None:
-    ckpt = _tiny(tmp_path)
+    ckpt = _tiny(tmp_path, sharded=False)  # a test that edits the one weights file
     _edit_config(ckpt, tie_word_embeddings=True)
     weights = load_file(ckpt / "model.safetensors")
     del weights["output.weight"]
@@ -325,7 +325,7 @@ def test_tied_word_embeddings_reuse_the_input_embedding(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- strict loading
 def test_missing_weight_is_listed(tmp_path: Path) -> None:
-    ckpt = _tiny(tmp_path)
+    ckpt = _tiny(tmp_path, sharded=False)  # a test that edits the one weights file
     weights = load_file(ckpt / "model.safetensors")
     del weights["model.layers.1.feed_forward.w3.weight"]
     save_file(weights, ckpt / "model.safetensors")
@@ -334,7 +334,7 @@ def test_missing_weight_is_listed(tmp_path: Path) -> None:
 
 
 def test_unexpected_weight_is_listed_but_stale_rotary_cache_is_ignored(tmp_path: Path) -> None:
-    ckpt = _tiny(tmp_path)
+    ckpt = _tiny(tmp_path, sharded=False)  # a test that edits the one weights file
     weights = load_file(ckpt / "model.safetensors")
     weights["model.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(8)
     save_file(weights, ckpt / "model.safetensors")

@@ -1,13 +1,32 @@
-"""Tiny InternLM2 checkpoints, made on the fly for tests (nothing binary is committed).
+"""Tiny InternLM2 checkpoints in the hub's layout, made on the fly (nothing binary is committed).
 
-:func:`make_tiny_internlm2` writes a directory in the hub's InternLM2 layout (remote-code
-``config.json``, packed ``attention.wqkv``, ``tokenizer.model``), with random weights and a
-SentencePiece model trained in milliseconds by :func:`train_tiny_sentencepiece`.
+:func:`make_tiny_internlm2` writes a directory laid out like the released
+``internlm/internlm2-1_8b`` and ``internlm/internlm2-chat-1_8b`` repositories, file for file:
+
+- ``config.json``: the remote-code config (``architectures: ["InternLM2ForCausalLM"]``,
+  ``auto_map``, ``model_type: internlm2``, ``bias``, ``rope_scaling {"type": "dynamic",
+  "factor": 2.0}``, ``torch_dtype: bfloat16``), with small sizes;
+- ``model-0000N-of-00002.safetensors`` + ``model.safetensors.index.json``: packed
+  ``attention.wqkv``, ``tok_embeddings``, ``output`` (bf16 like the release);
+- ``tokenizer.model``: SentencePiece BPE with byte fallback, ``<unk>``/``<s>``/``</s>`` at 0/1/2,
+  whose **last six pieces are ``[UNUSED_TOKEN_141]`` ... ``[UNUSED_TOKEN_146]``**;
+- ``tokenizer_config.json``: ``auto_map``, ``tokenizer_class: InternLM2Tokenizer``, the named
+  special tokens, ``added_tokens_decoder`` (0-2 and the six chat/tool tokens on the last six ids,
+  each ``special: true``), ``additional_special_tokens`` and, for chat models, ``chat_template``;
+- ``special_tokens_map.json``; ``generation_config.json`` (eos ``[2, <|im_end|> id]`` for chat).
+
+Sources: ``../shared/notes/internlm2-facts.md`` (tokenizer section; InternLM/InternLM #662 for
+the ``[UNUSED_TOKEN_145]`` symptom), InternLM/InternLM ``chat/chat_format.md`` (ids 92538-92543),
+and public copies of the hub's ``tokenizer_config.json`` and ``tokenization_internlm2.py``. Not
+known from public sources and chosen here: the SentencePiece type of the ``[UNUSED_TOKEN_*]``
+pieces (written as user-defined pieces) and the hub's earlier ``[UNUSED_TOKEN_0..140]`` pieces
+(left out: nothing reads them).
 """
 from __future__ import annotations
 
 import io
 import json
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -19,8 +38,7 @@ from safetensors.torch import save_file
 
 from lavis_ext.models.internlm2.tokenizer import (
     CHAT_TEMPLATE,
-    IM_END,
-    SPECIAL_TOKENS,
+    SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
 )
@@ -39,6 +57,16 @@ DEFAULT_TEXTS = [
     "两个人在日落时沿着海滩散步。",
 ]
 DYNAMIC_NTK = MappingProxyType({"type": "dynamic", "factor": 2.0})
+# The chat and tool tokens on the last six ids (92538..92543 in the released 92544-piece model),
+# in id order; the SentencePiece pieces on those ids are the placeholders beside them.
+HUB_ADDED_TOKENS = (
+    ("<|plugin|>", "[UNUSED_TOKEN_141]"),
+    ("<|interpreter|>", "[UNUSED_TOKEN_142]"),
+    ("<|action_end|>", "[UNUSED_TOKEN_143]"),
+    ("<|action_start|>", "[UNUSED_TOKEN_144]"),
+    ("<|im_end|>", "[UNUSED_TOKEN_145]"),
+    ("<|im_start|>", "[UNUSED_TOKEN_146]"),
+)
 # InternLM2 configs come with remote code; the converter must ignore these entries.
 MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
@@ -51,6 +79,15 @@ TOKENIZER_AUTO_MAP = {
         "tokenization_internlm2_fast.InternLM2TokenizerFast",
     ]
 }
+USER_DEFINED_PIECE = 4  # sentencepiece_model.proto: SentencePiece.Type.USER_DEFINED
+
+
+def _serialized_piece(piece: str, score: float, piece_type: int) -> bytes:
+    """One ``ModelProto.pieces`` entry in protobuf's wire format (field 1, length-delimited):
+    ``SentencePiece {piece = 1 (string), score = 2 (float), type = 3 (enum)}``."""
+    text = piece.encode("utf-8")
+    body = b"\x0a" + bytes([len(text)]) + text + b"\x15" + struct.pack("<f", score) + b"\x18" + bytes([piece_type])
+    return b"\x0a" + bytes([len(body)]) + body
 
 
 def train_tiny_sentencepiece(
@@ -58,10 +95,12 @@ def train_tiny_sentencepiece(
 ) -> Path:
     """Train a small SentencePiece BPE model like InternLM2's and write ``dst_dir/tokenizer.model``.
 
-    ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, then :data:`SPECIAL_TOKENS` as user-defined
-    pieces. Byte fallback covers any text; identity normalization and kept whitespace make
-    SentencePiece round-trip it exactly (NFKC would turn ``！`` into ``!``). ``vocab_size`` is
-    an upper bound: a short text list yields fewer pieces.
+    ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the byte pieces, the learned pieces, then the six
+    ``[UNUSED_TOKEN_*]`` placeholders of :data:`HUB_ADDED_TOKENS` as the last six ids (appended
+    to the trained model: protobuf appends a repeated field's entries in the order they come).
+    Byte fallback covers any text; identity normalization and kept whitespace make SentencePiece
+    round-trip it exactly (NFKC would turn ``！`` into ``!``). ``vocab_size`` is an upper bound:
+    a short text list yields fewer pieces.
     """
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
@@ -80,13 +119,13 @@ def train_tiny_sentencepiece(
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        user_defined_symbols=list(SPECIAL_TOKENS),
         hard_vocab_limit=False,  # a short text list may not support vocab_size pieces
         num_threads=1,
         minloglevel=2,
     )
+    placeholders = b"".join(_serialized_piece(piece, 0.0, USER_DEFINED_PIECE) for _, piece in HUB_ADDED_TOKENS)
     path = dst / TOKENIZER_FILE
-    path.write_bytes(model.getvalue())
+    path.write_bytes(model.getvalue() + placeholders)
     return path
 
 
@@ -123,7 +162,10 @@ def random_internlm2_weights(config: Mapping[str, Any], seed: int) -> dict[str, 
 
 
 def write_internlm2_safetensors(dst: Path, weights: dict[str, torch.Tensor], sharded: bool) -> None:
-    """``model.safetensors``, or two shards plus ``model.safetensors.index.json``."""
+    """``model.safetensors``, or two shards plus ``model.safetensors.index.json`` (the hub's
+    layout). Weight files of an earlier write are removed first, so one layout is left."""
+    for stale in [*dst.glob("model*.safetensors"), dst / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
     if not sharded:
         save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
         return
@@ -143,6 +185,41 @@ def _write_json(file: Path, content: Mapping[str, Any]) -> None:
     file.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _added_token(content: str) -> dict[str, Any]:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
+def write_hub_tokenizer_files(dst: Path, vocab_size: int, chat: bool) -> None:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` as the hub writes them, for a
+    ``tokenizer.model`` of ``vocab_size`` pieces whose last six are the placeholders."""
+    first_added = vocab_size - len(HUB_ADDED_TOKENS)
+    decoder = {str(i): _added_token(text) for i, text in enumerate(("<unk>", "<s>", "</s>"))}
+    # The hub file lists the chat tokens from the last id down.
+    for offset, (text, _) in reversed(list(enumerate(HUB_ADDED_TOKENS))):
+        decoder[str(first_added + offset)] = _added_token(text)
+    additional = [text for text, _ in reversed(HUB_ADDED_TOKENS)]
+    config = {
+        "auto_map": TOKENIZER_AUTO_MAP,
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "</s>",
+        "tokenizer_class": "InternLM2Tokenizer",
+        "unk_token": "<unk>",
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": additional,
+    }
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
+    _write_json(dst / TOKENIZER_CONFIG_FILE, config)
+    named = {key: {k: v for k, v in _added_token(text).items() if k != "special"}
+             for key, text in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "</s>"),
+                               ("unk_token", "<unk>"))}
+    _write_json(dst / SPECIAL_TOKENS_MAP_FILE, {"additional_special_tokens": additional, **named})
+
+
 def make_tiny_internlm2(
     dst_dir: str | Path,
     *,
@@ -157,67 +234,57 @@ def make_tiny_internlm2(
     rms_norm_eps: float = 1e-5,
     texts: Iterable[str] | None = None,
     seed: int = 0,
-    sharded: bool = False,
+    sharded: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
     chat: bool = False,
 ) -> Path:
-    """Write a random InternLM2 checkpoint in hub layout to ``dst_dir`` and return its path.
+    """Write a random InternLM2 checkpoint in the hub's layout (see the module docstring) to
+    ``dst_dir`` and return its path.
 
-    Files: ``config.json`` (every field InternLM2 reads, plus the remote-code ``auto_map``),
-    ``model.safetensors`` (or two shards and an index when ``sharded``), ``tokenizer.model``
-    (trained on ``texts``, default :data:`DEFAULT_TEXTS`), ``tokenizer_config.json`` and
-    ``generation_config.json`` (eos ``[2, <|im_end|>]`` when ``chat``, else 2). The vocab
-    size is the SentencePiece model's piece count. Weights are deterministic in ``seed``.
+    ``chat`` writes the chat model's files (``chat_template``, generation eos ``[2, <|im_end|>]``),
+    otherwise the base model's (eos 2). ``sharded=False`` writes one ``model.safetensors``
+    instead of the release's two shards, for tests that edit the weights file; ``dtype`` is the
+    stored weight dtype (``config.json``'s ``torch_dtype`` follows it). The tokenizer is trained
+    on ``texts`` (default :data:`DEFAULT_TEXTS`) and the vocab size is its piece count. Weights
+    are deterministic in ``seed``.
     """
     dst = Path(dst_dir)
     tokenizer_file = train_tiny_sentencepiece(dst, DEFAULT_TEXTS if texts is None else texts)
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
 
     config = {
         "architectures": ["InternLM2ForCausalLM"],
-        "auto_map": MODEL_AUTO_MAP,
-        "model_type": "internlm2",
         "attn_implementation": "eager",
+        "auto_map": MODEL_AUTO_MAP,
         "bias": False,
-        "vocab_size": sp.get_piece_size(),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings,
-        "initializer_range": 0.02,
-        "rms_norm_eps": rms_norm_eps,
-        "use_cache": True,
-        "pad_token_id": 2,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "tie_word_embeddings": False,
-        "rope_theta": rope_theta,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": max_position_embeddings,
+        "model_type": "internlm2",
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": num_kv_heads,
+        "pad_token_id": 2,
+        "pretraining_tp": 1,
+        "rms_norm_eps": rms_norm_eps,
         "rope_scaling": None if rope_scaling is None else dict(rope_scaling),
-        "torch_dtype": "float32",
+        "rope_theta": rope_theta,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "transformers_version": "4.41.0",
+        "use_cache": True,
+        "vocab_size": vocab_size,
     }
     _write_json(dst / "config.json", config)
-    write_internlm2_safetensors(dst, random_internlm2_weights(config, seed), sharded)
-
-    _write_json(
-        dst / TOKENIZER_CONFIG_FILE,
-        {
-            "tokenizer_class": "InternLM2Tokenizer",
-            "auto_map": TOKENIZER_AUTO_MAP,
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "bos_token": "<s>",
-            "eos_token": "</s>",
-            "pad_token": "</s>",
-            "unk_token": "<unk>",
-            "additional_special_tokens": list(SPECIAL_TOKENS),
-            "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
-        },
-    )
-    eos_token_id: int | list[int] = [2, sp.piece_to_id(IM_END)] if chat else 2
-    generation = {"bos_token_id": 1, "eos_token_id": eos_token_id, "pad_token_id": 2}
+    weights = {name: w.to(dtype) for name, w in random_internlm2_weights(config, seed).items()}
+    write_internlm2_safetensors(dst, weights, sharded)
+    write_hub_tokenizer_files(dst, vocab_size, chat)
+    im_end = vocab_size - len(HUB_ADDED_TOKENS) + [text for text, _ in HUB_ADDED_TOKENS].index("<|im_end|>")
+    generation = {"bos_token_id": 1, "eos_token_id": [2, im_end] if chat else 2, "pad_token_id": 2,
+                  "transformers_version": "4.41.0"}
     _write_json(dst / "generation_config.json", generation)
     return dst

@@ -67,10 +67,11 @@ def llama_to_internlm2_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Te
 
 
 def save_internlm2_weights(model: LlamaForCausalLM, dst: str | Path) -> Path:
-    """Write ``dst/model.safetensors`` in InternLM2's layout (the rest of the directory is kept),
-    and check that :func:`load_internlm2_llm` reads back a model with the same logits."""
-    path = Path(dst) / "model.safetensors"
-    write_internlm2_safetensors(Path(dst), llama_to_internlm2_state_dict(model), sharded=False)
+    """Write the weights into ``dst`` in InternLM2's layout (two shards and their index; the rest
+    of the directory is kept), and check that :func:`load_internlm2_llm` reads back a model with
+    the same logits."""
+    path = Path(dst)
+    write_internlm2_safetensors(path, llama_to_internlm2_state_dict(model), sharded=True)
     probe = torch.arange(min(16, model.config.vocab_size)).unsqueeze(0)
     with torch.no_grad():
         if not torch.equal(model(probe).logits, load_internlm2_llm(dst)(probe).logits):
@@ -131,7 +132,8 @@ def pretrain_tiny_llm(world_root: str | Path, dst: str | Path, *, steps: int = 1
     Returns the first and last training loss (means over 20 steps).
     """
     examples = stage0_examples(world_root, qa_prompt)
-    make_tiny_internlm2(dst, texts=world_texts(examples), seed=seed, **LLM_SIZES)
+    # fp32 storage: the trained weights are saved as trained (the release stores bf16)
+    make_tiny_internlm2(dst, texts=world_texts(examples), seed=seed, dtype=torch.float32, **LLM_SIZES)
     tokenizer = load_internlm2_tokenizer(dst)
     rows = encode_examples(tokenizer, examples)
     model = load_internlm2_llm(dst).train()

@@ -1,8 +1,16 @@
-"""A thin SentencePiece wrapper with the rules of the hub's ``InternLM2Tokenizer``.
+"""InternLM2's tokenizer over a local checkpoint directory, with the rules of the hub's class.
 
-The hub class is remote code, and transformers' own ``LlamaTokenizer`` does not reproduce it
-(the non-legacy prefix handling and the slow-to-fast conversion change the ids, and the
-latter needs protobuf). This wrapper needs only ``sentencepiece``.
+The hub class (``tokenization_internlm2.InternLM2Tokenizer``) is remote code, and transformers'
+own ``LlamaTokenizer`` does not reproduce it (the non-legacy prefix handling and the slow-to-fast
+conversion change the ids, and the latter needs protobuf). This wrapper needs only
+``sentencepiece`` and reads the checkpoint as released:
+
+- ``tokenizer.model``: SentencePiece BPE with byte fallback; ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2.
+  Its last six pieces are placeholders named ``[UNUSED_TOKEN_141]`` ... ``[UNUSED_TOKEN_146]``.
+- ``tokenizer_config.json``: the texts of the special tokens. ``added_tokens_decoder`` maps those
+  six ids to ``<|plugin|>``, ``<|interpreter|>``, ``<|action_end|>``, ``<|action_start|>``,
+  ``<|im_end|>`` and ``<|im_start|>``; ``additional_special_tokens``, ``bos_token`` ...
+  ``pad_token`` name the special tokens; ``add_bos_token``/``add_eos_token`` are the flags.
 """
 from __future__ import annotations
 
@@ -15,20 +23,11 @@ from typing import Any
 
 import sentencepiece as spm
 import torch
-from transformers import BatchEncoding
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-# InternLM2's chat and tool tokens, in vocabulary order (ids 92538..92543 in the released
-# 92544-piece model). They are ordinary pieces of the SentencePiece model.
-SPECIAL_TOKENS = (
-    "<|plugin|>",
-    "<|interpreter|>",
-    "<|action_end|>",
-    "<|action_start|>",
-    "<|im_end|>",
-    "<|im_start|>",
-)
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # The hub's chat template (tokenizer_config.json of internlm2-chat-*).
 CHAT_TEMPLATE = (
@@ -36,35 +35,56 @@ CHAT_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# tokenizer_config.json keys naming one special token each (the hub class's defaults).
+NAMED_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
 PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 
 
+class TokenizerFileError(ValueError):
+    """A tokenizer file that is missing, malformed or inconsistent; the message names the file."""
+
+
+def _token_text(value: Any, file: Path, key: str) -> str:
+    """A token as ``tokenizer_config.json`` writes it: a string, or an AddedToken dict with ``content``."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    if not isinstance(value, str) or not value:
+        raise TokenizerFileError(f"{file}: {key} must be a token string or {{'content': ...}}, got {value!r}")
+    return value
+
+
+def read_tokenizer_config(path: Path) -> dict[str, Any]:
+    """``tokenizer_config.json`` of a checkpoint directory, as a dict; errors name the file."""
+    file = path / TOKENIZER_CONFIG_FILE
+    if not file.is_file():
+        raise TokenizerFileError(f"{file} does not exist (an InternLM2 checkpoint directory has it beside "
+                                 f"{TOKENIZER_FILE}; it holds the special tokens)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TokenizerFileError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise TokenizerFileError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 class InternLM2Tokenizer:
-    """InternLM2's tokenizer over a local ``tokenizer.model``, with a small HF-like surface.
+    """InternLM2's tokenizer with a small HF-like surface; build it with :meth:`from_pretrained`.
 
-    Encoding follows the hub class: the special tokens (``<s>``, ``</s>``, ``<unk>`` and
-    :data:`SPECIAL_TOKENS`) are split out of the text and map to their single ids; every
-    other chunk goes through raw ``sp.encode`` (so each chunk gets SentencePiece's dummy
-    prefix, as in the hub). ``bos`` is prepended when ``add_bos_token`` and ``eos`` appended
-    when ``add_eos_token``. ``pad_token_id`` is the eos id, as in the hub config.
+    Encoding follows the hub class: the added tokens (``<s>``, ``</s>``, ``<unk>``, the chat and
+    tool tokens) are split out of the text and map to their single ids; every other chunk goes
+    through raw ``sp.encode`` (so each chunk gets SentencePiece's dummy prefix, as in the hub).
+    ``bos`` is prepended when ``add_bos_token`` and ``eos`` appended when ``add_eos_token``.
 
-    Decoding mirrors encoding: each run of ordinary ids between special tokens is decoded
-    with ``sp.decode`` on its own (which drops that chunk's dummy prefix) and the pieces are
-    joined with nothing in between. Hence ``decode(encode(x, add_special_tokens=False)) == x``
-    and ``decode(encode(x), skip_special_tokens=True) == x`` whenever SentencePiece itself
-    round-trips ``x``. Differences from the hub's decode:
+    Decoding follows the hub's ``convert_tokens_to_string``:
 
-    * with ``skip_special_tokens=False`` the hub may insert spaces next to special tokens (its
-      ``convert_tokens_to_string`` adds one per run of ordinary pieces that precedes a special
-      token, then applies a prefix-space heuristic); this wrapper never adds spaces;
-    * with ``skip_special_tokens=True`` the hub decodes the remaining ids as one run, so text
-      on both sides of a dropped special token is joined by the right-hand chunk's dummy
-      prefix (``"a<|im_end|>b"`` -> ``"a b"`` there, ``"ab"`` here). A single run of text,
-      such as a generated answer cut at its stop token, decodes the same way in both;
-    * no ``clean_up_tokenization`` step (HF's removal of spaces before punctuation, e.g.
-      ``"a ."`` -> ``"a."``), so the text comes back exactly as SentencePiece decodes it.
-
-    The hub behaviour above is described from its remote code, which is not run here.
+    * ``skip_special_tokens=True`` drops the special ids and decodes what is left as one run, so
+      ``"a<|im_end|>b"`` gives ``"a b"``;
+    * ``skip_special_tokens=False`` writes each special token's text; a space goes before each run
+      of text that precedes a special token, and before a leading special token
+      (``"<s>Hi"`` gives ``" <s>Hi"``), as the hub class does;
+    * then transformers' ``clean_up_tokenization`` always runs (``"a ."`` -> ``"a."``,
+      ``"it 's"`` -> ``"it's"``), whatever ``clean_up_tokenization_spaces`` says.
 
     Truncation keeps the left part of the text and leaves room for bos/eos, like HF's
     default ``truncation_side="right"``.
@@ -73,56 +93,90 @@ class InternLM2Tokenizer:
     def __init__(
         self,
         model_file: str | Path,
+        added_tokens: Mapping[str, int],
+        special_tokens: Mapping[str, str],
+        additional_special_tokens: Sequence[str],
         *,
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         padding_side: str = "right",
+        source: str | Path | None = None,
     ) -> None:
+        """``added_tokens``: text -> id of the tokens split out of the text (each must be a piece
+        id of the SentencePiece model); ``special_tokens``: ``bos_token``/``eos_token``/
+        ``unk_token``/``pad_token`` -> text; ``additional_special_tokens``: the other special
+        texts (chat and tool tokens). ``source`` names the file in errors."""
         self.model_file = Path(model_file)
+        source = source or self.model_file
         if not self.model_file.is_file():
-            raise FileNotFoundError(f"{self.model_file} does not exist")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
+            raise TokenizerFileError(f"{self.model_file} does not exist")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except (RuntimeError, OSError) as error:
+            raise TokenizerFileError(f"{self.model_file}: not a SentencePiece model ({error})") from None
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         self.padding_side = padding_side
 
-        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
-        self.unk_token_id = self.sp.unk_id()
-        if min(self.bos_token_id, self.eos_token_id, self.unk_token_id) < 0:
-            raise ValueError(f"{self.model_file}: the SentencePiece model must define unk, bos and eos ids")
-        self.pad_token_id = self.eos_token_id
-        self.bos_token, self.eos_token, self.unk_token = (
-            self.sp.id_to_piece(i) for i in (self.bos_token_id, self.eos_token_id, self.unk_token_id)
-        )
-        self.pad_token = self.eos_token
+        outside = {text: i for text, i in added_tokens.items() if not 0 <= i < self.sp.get_piece_size()}
+        if outside:
+            raise TokenizerFileError(f"{source}: added tokens {outside} lie outside the "
+                                     f"{self.sp.get_piece_size()} pieces of {self.model_file}")
+        self.added_tokens: dict[str, int] = dict(added_tokens)
 
-        absent = [token for token in SPECIAL_TOKENS if self.sp.piece_to_id(token) == self.unk_token_id]
-        if absent:
-            raise ValueError(f"{self.model_file}: special tokens missing from the vocabulary: {absent}")
-        specials = (self.bos_token, self.eos_token, self.unk_token, *SPECIAL_TOKENS)
-        self.special_token_ids: dict[str, int] = {token: self.sp.piece_to_id(token) for token in specials}
+        def resolve(text: str) -> int:
+            if text in self.added_tokens:
+                return self.added_tokens[text]
+            piece_id = self.sp.piece_to_id(text)
+            if self.sp.id_to_piece(piece_id) != text:  # piece_to_id answers the unk id for a non-piece
+                raise TokenizerFileError(f"{source}: special token {text!r} is neither in added_tokens_decoder "
+                                         f"nor a piece of {self.model_file}")
+            self.added_tokens[text] = piece_id  # a literal piece is split out of text like an added token
+            return piece_id
+
+        self.bos_token, self.eos_token = special_tokens["bos_token"], special_tokens["eos_token"]
+        self.unk_token, self.pad_token = special_tokens["unk_token"], special_tokens["pad_token"]
+        self.bos_token_id, self.eos_token_id = resolve(self.bos_token), resolve(self.eos_token)
+        self.unk_token_id, self.pad_token_id = resolve(self.unk_token), resolve(self.pad_token)
+        self.additional_special_tokens = list(additional_special_tokens)
+        specials = [*special_tokens.values(), *self.additional_special_tokens]
+        self.special_token_ids: dict[str, int] = {text: resolve(text) for text in specials}
         self._special_ids = frozenset(self.special_token_ids.values())
-        # Longest first, so no special token is cut short by one that is its prefix.
-        alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
-        self._special_pattern = re.compile(f"({alternatives})")
+        self._added_texts = {i: text for text, i in self.added_tokens.items()}
+        # Longest first, so no added token is cut short by one that is its prefix.
+        alternatives = "|".join(re.escape(t) for t in sorted(self.added_tokens, key=len, reverse=True))
+        self._added_pattern = re.compile(f"({alternatives})")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> InternLM2Tokenizer:
-        """Load ``tokenizer.model`` from a directory, with flags from its ``tokenizer_config.json``.
+        """Load ``tokenizer.model`` and ``tokenizer_config.json`` from a checkpoint directory.
 
-        Read flags: ``add_bos_token`` (default True), ``add_eos_token`` (default False) and
-        ``padding_side`` (default ``"right"``); other keys are not used.
+        Read from the config: ``added_tokens_decoder``, ``additional_special_tokens``,
+        ``bos_token``/``eos_token``/``unk_token``/``pad_token`` (hub class defaults ``<s>``,
+        ``</s>``, ``<unk>``, ``</s>``), ``add_bos_token`` (default True), ``add_eos_token``
+        (default False) and ``padding_side`` (default ``"right"``).
         """
         path = Path(path)
-        config_file = path / TOKENIZER_CONFIG_FILE
-        config: dict[str, Any] = {}
-        if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_tokenizer_config(path)
+        file = path / TOKENIZER_CONFIG_FILE
+        decoder = config.get("added_tokens_decoder", {})
+        if not isinstance(decoder, Mapping):
+            raise TokenizerFileError(f"{file}: added_tokens_decoder must map ids to tokens")
+        added: dict[str, int] = {}
+        for key, entry in decoder.items():
+            if not str(key).isdigit():
+                raise TokenizerFileError(f"{file}: added_tokens_decoder key {key!r} is not a token id")
+            added[_token_text(entry, file, f"added_tokens_decoder[{key!r}]")] = int(key)
+        special = {key: _token_text(config.get(key, default), file, key) for key, default in NAMED_SPECIAL_TOKENS.items()}
+        additional = config.get("additional_special_tokens", [])
+        if not isinstance(additional, list):
+            raise TokenizerFileError(f"{file}: additional_special_tokens must be a list")
+        additional = [_token_text(t, file, "additional_special_tokens") for t in additional]
         return cls(
-            path / TOKENIZER_FILE,
+            path / TOKENIZER_FILE, added, special, additional,
             add_bos_token=bool(config.get("add_bos_token", True)),
             add_eos_token=bool(config.get("add_eos_token", False)),
             padding_side=config.get("padding_side", "right"),
+            source=file,
         )
 
     @property
@@ -134,25 +188,25 @@ class InternLM2Tokenizer:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """Generation stops at eos or ``<|im_end|>`` (the chat models' ``generation_config``)."""
-        return [self.eos_token_id, self.special_token_ids[IM_END]]
+        """eos, and ``<|im_end|>`` where the checkpoint has it (the chat models' ``generation_config``)."""
+        return [self.eos_token_id] + ([self.added_tokens[IM_END]] if IM_END in self.added_tokens else [])
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         if isinstance(tokens, str):
-            return self.sp.piece_to_id(tokens)
-        return [self.sp.piece_to_id(token) for token in tokens]
+            return self.added_tokens.get(tokens, self.sp.piece_to_id(tokens))
+        return [self.convert_tokens_to_ids(token) for token in tokens]
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
         if isinstance(ids, int):
-            return self.sp.id_to_piece(ids)
-        return [self.sp.id_to_piece(i) for i in ids]
+            return self._added_texts.get(ids, self.sp.id_to_piece(ids))
+        return [self.convert_ids_to_tokens(i) for i in ids]
 
     def _encode_text(self, text: str) -> list[int]:
-        """Ids of ``text`` without bos/eos: special tokens split out, raw ``sp.encode`` between."""
+        """Ids of ``text`` without bos/eos: added tokens split out, raw ``sp.encode`` between."""
         ids: list[int] = []
-        for chunk in self._special_pattern.split(text):
-            if chunk in self.special_token_ids:
-                ids.append(self.special_token_ids[chunk])
+        for chunk in self._added_pattern.split(text):
+            if chunk in self.added_tokens:
+                ids.append(self.added_tokens[chunk])
             elif chunk:
                 ids.extend(self.sp.encode(chunk, out_type=int))
         return ids
@@ -172,18 +226,17 @@ class InternLM2Tokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        parts: list[str] = []
-        run: list[int] = []
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        text, run, previous_is_special = "", [], False
         for token_id in ids:
-            if token_id not in self._special_ids:
+            if token_id in self._special_ids:
+                text += ("" if previous_is_special else " ") + self.sp.decode(run) + self._added_texts[token_id]
+                run, previous_is_special = [], True
+            else:
                 run.append(token_id)
-                continue
-            parts.append(self.sp.decode(run))
-            run = []
-            if not skip_special_tokens:
-                parts.append(self.sp.id_to_piece(token_id))
-        parts.append(self.sp.decode(run))
-        return "".join(parts)
+                previous_is_special = False
+        return PreTrainedTokenizerBase.clean_up_tokenization(text + self.sp.decode(run))
 
     def batch_decode(
         self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
@@ -262,7 +315,8 @@ class InternLM2Tokenizer:
         """Write ``tokenizer.model`` and a ``tokenizer_config.json`` for transformers' ``LlamaTokenizer``.
 
         ``legacy: true`` keeps ``LlamaTokenizer`` on raw ``sp.encode`` (and off protobuf), and
-        the special tokens are declared as added tokens so it splits them out like this class.
+        the added tokens are declared in ``added_tokens_decoder`` so it splits them out like this
+        class and decodes their ids as their texts, not as the ``[UNUSED_TOKEN_*]`` pieces.
         There is no ``auto_map``: no remote code is needed to load the result.
         """
         directory = Path(save_directory)
@@ -277,9 +331,9 @@ class InternLM2Tokenizer:
                 "normalized": False,
                 "rstrip": False,
                 "single_word": False,
-                "special": True,
+                "special": token_id in self._special_ids,
             }
-            for token, token_id in sorted(self.special_token_ids.items(), key=lambda item: item[1])
+            for token, token_id in sorted(self.added_tokens.items(), key=lambda item: item[1])
         }
         config = {
             "tokenizer_class": "LlamaTokenizer",
@@ -290,7 +344,7 @@ class InternLM2Tokenizer:
             "eos_token": self.eos_token,
             "unk_token": self.unk_token,
             "pad_token": self.pad_token,
-            "additional_special_tokens": list(SPECIAL_TOKENS),
+            "additional_special_tokens": self.additional_special_tokens,
             "added_tokens_decoder": added_tokens,
             "clean_up_tokenization_spaces": False,
             "spaces_between_special_tokens": False,
