@@ -12,6 +12,11 @@ What differs from ``lavis/tasks/captioning.py``:
   The PTB tokenizer and METEOR are Java programs: without ``java`` the error says so.
 - ``valid_step`` passes ``run.length_penalty`` when it is set; results are gathered, checked
   and written as :mod:`lavis_ext.tasks.common` describes (per image: caption, references, CIDEr).
+- ``run.segmenter`` (``jieba`` or ``char``) scores Chinese captions: both sides are segmented by
+  :func:`lavis_ext.text_zh.tokenize_for_metrics` instead of the PTB tokenizer, METEOR is left
+  out (English-only), and the metrics name the segmenter. Without it, English as above.
+- A sample's own ``prompt`` (the Chinese caption sets supply one) goes through the model's chat
+  format (``format_question``) before generation, which wraps it only for chat models.
 """
 from __future__ import annotations
 
@@ -27,32 +32,44 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from lavis_ext.tasks.common import EvalTaskMixin, format_table, most_frequent
+from lavis_ext.text_zh import SEGMENTERS, tokenize_for_metrics
 
 logger = logging.getLogger(__name__)
 
 SPICE_NOTICE = ("SPICE skipped: it needs Stanford CoreNLP models that pycocoevalcap downloads on first use; "
                 "BLEU, METEOR, ROUGE-L and CIDEr are computed offline")
+ZH_NOTICE = ("METEOR and SPICE skipped: both are English-only (METEOR's stemmer and paraphrases, SPICE's parser); "
+             "BLEU, ROUGE-L and CIDEr are computed on segmented text")
+BLEU_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 
 
-def score_captions(predictions: dict, references: dict[object, list[str]]) -> tuple[dict, dict]:
+def score_captions(predictions: dict, references: dict[object, list[str]],
+                   segmenter: str | None = None) -> tuple[dict, dict]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr of ``{image_id: caption}`` against ``{image_id: [captions]}``.
 
+    ``segmenter`` None: English, tokenised by the PTB tokenizer. ``"jieba"`` or ``"char"``: Chinese,
+    both sides segmented by :func:`~lavis_ext.text_zh.tokenize_for_metrics`, without METEOR.
     Returns the corpus metrics and per-image CIDEr.
     """
-    if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java on PATH (the PTB tokenizer and METEOR are Java programs); "
-                           "install a JRE, e.g. `apt-get install default-jre-headless`")
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in predictions})
-    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    if segmenter is None:
+        if shutil.which("java") is None:
+            raise RuntimeError("caption metrics need Java on PATH (the PTB tokenizer and METEOR are Java programs); "
+                               "install a JRE, e.g. `apt-get install default-jre-headless`")
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in predictions})
+        res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+        scorers = ((Bleu(4), BLEU_NAMES), (Meteor(), ("METEOR",)), (Rouge(), ("ROUGE_L",)), (Cider(), ("CIDEr",)))
+    else:
+        gts = {i: [tokenize_for_metrics(c, segmenter) for c in references[i]] for i in predictions}
+        res = {i: [tokenize_for_metrics(c, segmenter)] for i, c in predictions.items()}
+        scorers = ((Bleu(4), BLEU_NAMES), (Rouge(), ("ROUGE_L",)), (Cider(), ("CIDEr",)))
     metrics, cider = {}, {}
-    for scorer, names in ((Bleu(4), ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")), (Meteor(), ("METEOR",)),
-                          (Rouge(), ("ROUGE_L",)), (Cider(), ("CIDEr",))):
+    for scorer, names in scorers:
         score, scores = scorer.compute_score(gts, res)
         metrics.update(zip(names, map(float, score if len(names) > 1 else [score])))
         if names == ("CIDEr",):
             cider = dict(zip(gts, map(float, scores)))  # Cider scores images in gts order
-    logger.info(SPICE_NOTICE)
+    logger.info(SPICE_NOTICE if segmenter is None else ZH_NOTICE)
     return metrics, cider
 
 
@@ -62,7 +79,18 @@ class CaptionTaskExt(EvalTaskMixin, CaptionTask):
 
     ID_KEY = "image_id"
 
+    @classmethod
+    def setup_task(cls, cfg):
+        task = super().setup_task(cfg)
+        task.segmenter = cfg.run_cfg.get("segmenter")  # None: English captions
+        if task.segmenter is not None and task.segmenter not in SEGMENTERS:
+            raise ValueError(f"run.segmenter = {task.segmenter!r}: expected one of {list(SEGMENTERS)} "
+                             "(Chinese captions), or no key (English)")
+        return task
+
     def valid_step(self, model, samples):
+        if "prompt" in samples and hasattr(model, "format_question"):
+            samples = {**samples, "prompt": [model.format_question(p, "{}") for p in samples["prompt"]]}
         captions = model.generate(samples, use_nucleus_sampling=False, num_beams=self.num_beams,
                                   max_length=self.max_len, min_length=self.min_len, **self.extra_generate_kwargs)
         return [{"image_id": i, "caption": c} for i, c in zip(samples["image_id"], captions)]
@@ -73,12 +101,15 @@ class CaptionTaskExt(EvalTaskMixin, CaptionTask):
             captions = [ann["caption"]] if isinstance(ann["caption"], str) else ann["caption"]
             references.setdefault(ann["image_id"], []).extend(captions)
         predictions = {row["image_id"]: row["caption"] for row in rows}
-        metrics, cider = score_captions(predictions, references)
+        metrics, cider = score_captions(predictions, references, self.segmenter)
         metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]  # LAVIS's choice
+        if self.segmenter is not None:
+            metrics["segmenter"] = self.segmenter  # Chinese scores differ a lot between segmenters
         rows = [{"image_id": i, "caption": c, "references": references[i], "CIDEr": cider[i]}
                 for i, c in predictions.items()]
         report = [f"captions {split_name}: {len(rows)} images", ""]
-        report += format_table(("metric", "score"), [(k, f"{v:.4f}") for k, v in metrics.items()])
-        report += ["", SPICE_NOTICE, "", "the most frequent captions (many repeats mean the image is ignored):"]
+        report += format_table(("metric", "score"), [(k, f"{v:.4f}") for k, v in metrics.items() if k != "segmenter"])
+        report += ["", SPICE_NOTICE if self.segmenter is None else f"segmenter: {self.segmenter}; {ZH_NOTICE}", "",
+                   "the most frequent captions (many repeats mean the image is ignored):"]
         report += format_table(("caption", "images"), [(repr(c), n) for c, n in most_frequent(predictions.values())])
         return metrics, rows, report
