@@ -3,6 +3,11 @@
 ``--cfg-path`` and ``--options k=v ...`` are LAVIS's. ``--resume auto`` continues the most
 recent run under ``run.output_dir`` (its job directory and its ``checkpoint_last.pth``);
 ``--resume PATH`` resumes from a given checkpoint.
+
+Bad input ends in one line on stderr, ``error: <message naming the file or key>``, and exit
+code 2 (:func:`main`); ``--debug`` or ``LAVIS_EXT_DEBUG=1`` also prints the traceback. Under
+torchrun the line comes once: rank 0 reports at once, the other ranks only after
+:data:`PEER_GRACE_S`, by which time torchrun has stopped them if rank 0 failed too.
 """
 from __future__ import annotations
 
@@ -10,15 +15,25 @@ import argparse
 import datetime
 import faulthandler
 import gc
+import json
+import os
+import pickle
 import random
 import signal
+import sys
+import tempfile
+import time
+import traceback
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from PIL import Image
 
 import lavis_ext  # noqa: F401  (patches LAVIS, registers lavis-ext's parts)
 from lavis.common.config import Config
@@ -26,14 +41,24 @@ from lavis.common.dist_utils import get_rank, init_distributed_mode, is_dist_ava
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis_ext import offline
-from lavis_ext.runners.runner_ext import find_latest_checkpoint
+from lavis_ext.datasets.base import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from lavis_ext.errors import ConfigError, LavisExtError
+from lavis_ext.runners.runner_ext import find_latest_checkpoint, rng_state, set_rng_state
 
 # run options read by runner_ext, lavis-ext's tasks or this module that stock yamls do not carry
 EXTRA_RUN_KEYS = {"amp", "accum_grad_iters", "save_every_iters", "max_iters", "max_nonfinite_steps",
-                  "resume_ckpt_path", "find_unused_parameters", "seed", "runner", "evaluate", "length_penalty"}
+                  "resume_ckpt_path", "find_unused_parameters", "seed", "runner", "evaluate", "length_penalty",
+                  "max_image_pixels"}
+# what bad input raises: lavis-ext's checks, and the OS, config, JSON, image and unpickling errors
+# that reach the top without one of them around
+USER_ERRORS = (LavisExtError, OSError, json.JSONDecodeError, yaml.YAMLError, OmegaConfBaseException,
+               Image.DecompressionBombError, pickle.UnpicklingError)
+DEBUG_ENV = "LAVIS_EXT_DEBUG"
+EXIT_BAD_INPUT = 2
+PEER_GRACE_S = 3.0  # torchrun stops the other ranks within its monitor interval (0.1 s) of a failure
 
 
-class OptionsError(KeyError):
+class OptionsError(LavisExtError, KeyError):
     """An ``--options`` key that names nothing in the config."""
 
     def __str__(self) -> str:
@@ -46,7 +71,61 @@ def parse_args(argv: list[str] | None, description: str) -> Namespace:
     parser.add_argument("--options", nargs="+", default=[],
                         help="override settings of the yaml, as key=value (e.g. run.max_epoch=2)")
     parser.add_argument("--resume", default=None, help="'auto' (latest run under run.output_dir) or a checkpoint path")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error, not just its message (or set {DEBUG_ENV}=1)")
     return parser.parse_args(argv)
+
+
+def check_model(cfg_path: str, options: list[str]) -> None:
+    """``model.arch`` and ``model.model_type`` (after ``--options``) name a registered model and one
+    of its types; LAVIS's own checks are bare asserts (``config.py:62,69``, ``base_model.py:76-78``)."""
+    project = OmegaConf.load(cfg_path)
+    overrides = OmegaConf.from_dotlist([o for o in options if "=" in o])
+    model = OmegaConf.merge(project.get("model") or {}, overrides.get("model") or {})
+    arch, model_type = model.get("arch"), model.get("model_type")
+    model_cls = registry.get_model_class(arch) if arch else None
+    if model_cls is None:
+        raise ConfigError(f"model.arch = {arch!r} ({cfg_path}): not a registered model; "
+                          f"registered: {sorted(registry.mapping['model_name_mapping'])}")
+    if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
+        raise ConfigError(f"model.model_type = {model_type!r} ({cfg_path}): {arch} has the model types "
+                          f"{sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
+
+
+def check_output_dir(run_cfg) -> None:
+    """``run.output_dir`` can be created and written, checked before anything is built."""
+    root = Path(str(run_cfg.output_dir)).expanduser().absolute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run.output_dir = {run_cfg.output_dir}: cannot create or write it "
+                          f"({exc.strerror or exc}: {exc.filename or root})") from exc
+
+
+def check_image_sizes(model_cfg, datasets: dict) -> None:
+    """Each dataset's image processor yields ``model.image_size`` images (a mismatch would fail in
+    the ViT at the first forward). Random processors run without disturbing the RNG streams."""
+    size = model_cfg.get("image_size")
+    if size is None:
+        return
+    size = int(size)
+    probe = Image.new("RGB", (size + 17, size + 9))  # not square, not the size: a processor must resize
+    for name, splits in datasets.items():
+        for split, dataset in splits.items():
+            processor = getattr(dataset, "vis_processor", None)
+            if processor is None:
+                continue
+            saved = rng_state()
+            try:
+                image = processor(probe)
+            finally:
+                set_rng_state(saved)
+            if torch.is_tensor(image) and image.dim() == 3 and tuple(image.shape[-2:]) != (size, size):
+                kind = "train" if split == "train" else "eval"
+                raise ConfigError(f"datasets.{name}.vis_processor.{kind}.image_size gives {image.shape[-2]}x"
+                                  f"{image.shape[-1]} images, but model.image_size = {size}")
 
 
 def check_options(cfg: Config, options: list[str]) -> None:
@@ -93,9 +172,11 @@ def run(argv: list[str] | None, evaluate: bool):
     """Build config, task, datasets, model and runner; train (or evaluate). Returns the runner."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where is a hung rank?
     args = parse_args(argv, "lavis-ext evaluation" if evaluate else "lavis-ext training")
+    check_model(args.cfg_path, args.options)
     cfg = Config(args)
     check_options(cfg, args.options)
     run_cfg = cfg.run_cfg
+    check_output_dir(run_cfg)
     init_distributed_mode(run_cfg)
     setup_seeds(int(run_cfg.get("seed", 42)))
     setup_logger()
@@ -112,10 +193,12 @@ def run(argv: list[str] | None, evaluate: bool):
 
     task = setup_task(cfg)
     datasets = task.build_datasets(cfg)
+    check_image_sizes(cfg.model_cfg, datasets)
+    set_max_image_pixels(datasets, run_cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     model = task.build_model(cfg)
     runner_cls = registry.get_runner_class(run_cfg.get("runner", "runner_base"))
     if runner_cls is None:
-        raise KeyError(f"run.runner = {run_cfg.get('runner')!r} is not a registered runner")
+        raise ConfigError(f"run.runner = {run_cfg.get('runner')!r} is not a registered runner")
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     if evaluate:
         runner.evaluate(skip_reload=True)
@@ -124,6 +207,31 @@ def run(argv: list[str] | None, evaluate: bool):
     if is_dist_avail_and_initialized():
         close_distributed(runner)
     return runner
+
+
+def main(argv: list[str] | None, evaluate: bool):
+    """:func:`run`, with bad input reported as one line, ``error: <message>``, and exit code 2.
+
+    Under torchrun, every rank but 0, and every rank on an unexpected exception (a peer that
+    vanished mid-collective, a bug), first waits :data:`PEER_GRACE_S`: if another rank failed,
+    torchrun stops this one meanwhile, and only the first failure is reported.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return run(argv, evaluate)
+    except Exception as exc:
+        bad_input = isinstance(exc, USER_ERRORS)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (os.environ.get("RANK", "0") != "0" or not bad_input):
+            time.sleep(PEER_GRACE_S)
+        if not bad_input:
+            raise
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def close_distributed(runner) -> None:

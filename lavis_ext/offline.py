@@ -36,30 +36,47 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lavis_ext.errors import CheckpointError, ConfigError, LavisExtError
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class LocalPathError(FileNotFoundError):
-    """A configured local path is unset or missing; the message names the key and the path."""
+# config key -> the environment variable that lavis-ext's yamls fill it from
+ENV_VARS = {
+    "model.bert_path": "LAVIS_EXT_BERT",
+    "model.vit_path": "LAVIS_EXT_VIT",
+    "model.llm_path": "LAVIS_EXT_INTERNLM2_1_8B, LAVIS_EXT_INTERNLM2_CHAT_1_8B, LAVIS_EXT_INTERNLM2_7B "
+                      "or LAVIS_EXT_TINY_LLM, by model_type",
+    "model.pretrained": "LAVIS_EXT_STAGE1_CKPT",
+    "model.finetuned": "LAVIS_EXT_STAGE2_CKPT",
+}
 
 
-def _from_env(var: str) -> str:
-    return field(default_factory=lambda: os.environ.get(var, ""))
+class LocalPathError(LavisExtError, FileNotFoundError):
+    """A configured local path is unset or missing; the message names the key, its environment
+    variable and the path."""
+
+
+def describe_key(key: str) -> str:
+    """``key`` with the environment variable that sets it, e.g. ``model.bert_path (env LAVIS_EXT_BERT)``."""
+    return f"{key} (env {ENV_VARS[key]})" if key in ENV_VARS else key
+
+
+def _from_env(key: str) -> str:
+    return field(default_factory=lambda: os.environ.get(ENV_VARS[key], ""))
 
 
 @dataclass
 class LocalWeights:
     """Where BLIP-2's shared parts come from. Empty ``vit_path`` means random init."""
 
-    bert_path: str = _from_env("LAVIS_EXT_BERT")
-    vit_path: str = _from_env("LAVIS_EXT_VIT")
-
-    ENV = {"bert_path": "LAVIS_EXT_BERT", "vit_path": "LAVIS_EXT_VIT"}
+    bert_path: str = _from_env("model.bert_path")
+    vit_path: str = _from_env("model.vit_path")
 
     def describe(self, key: str) -> str:
-        return f"model.{key} (env {self.ENV[key]})"
+        return describe_key(f"model.{key}")
 
 
 _current = LocalWeights()
@@ -82,6 +99,7 @@ def configure(model_cfg) -> LocalWeights:
 
 def require_dir(path: str, key: str, must_contain: tuple[str, ...] = ()) -> Path:
     """Return ``path`` as a directory, or raise one clear error naming ``key`` and ``path``."""
+    key = describe_key(key)
     if not path:
         raise LocalPathError(f"{key} is not set; lavis-ext never downloads, so point it at a local directory")
     p = Path(path).expanduser()
@@ -94,9 +112,10 @@ def require_dir(path: str, key: str, must_contain: tuple[str, ...] = ()) -> Path
 
 
 def require_file(path: str, key: str) -> Path:
+    """Return ``path`` as an existing file, or raise naming ``key`` (and its environment variable)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise LocalPathError(f"{key} = {path!r}: no such file")
+        raise LocalPathError(f"{describe_key(key)} = {path!r}: no such file")
     return p
 
 
@@ -181,7 +200,7 @@ def build_vision_encoder(vit_model: str, vit_path: str, img_size: int, drop_path
     from lavis.models import eva_vit
 
     if vit_model not in VISION_ARCHS:
-        raise ValueError(f"model.vit_model = {vit_model!r}: expected one of {sorted(VISION_ARCHS)}")
+        raise ConfigError(f"model.vit_model = {vit_model!r}: expected one of {sorted(VISION_ARCHS)}")
     overrides, weights = {}, None
     if vit_path:
         p = Path(vit_path).expanduser()
@@ -201,10 +220,12 @@ def build_vision_encoder(vit_model: str, vit_path: str, img_size: int, drop_path
 
 
 def _load_vision_weights(vit_model: str, model: nn.Module, weights: Path, key: str) -> None:
-    state_dict = torch.load(weights, map_location="cpu")
+    from lavis_ext.checkpoint import load_checkpoint_file, load_state_dict_named  # it imports this module
+
+    state_dict = load_checkpoint_file(weights, key)
     _interpolate_pos_embed(vit_model, model, state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = load_state_dict_named(model, state_dict, f"{key} = {weights}")
     if missing:
-        raise RuntimeError(f"{key} = {weights}: not a {vit_model} checkpoint; missing keys {missing[:5]} ...")
+        raise CheckpointError(f"{key} = {weights}: not a {vit_model} checkpoint; missing keys {missing[:5]} ...")
     if unexpected:
         logger.warning("%s = %s: ignored keys %s", key, weights, unexpected)

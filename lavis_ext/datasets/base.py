@@ -4,26 +4,60 @@ Replaces, for lavis-ext's builders only, ``lavis/datasets/datasets/base_dataset.
 ``BaseDataset.__init__``, which read the annotation json with a bare ``json.load``: a missing
 key or image surfaced as a KeyError/FileNotFoundError deep in a worker. Here every record is
 checked at load time and bad data raises :class:`DataError`, naming the file and the record;
-an undecodable image names its path.
+an undecodable image names its path. Images are decoded with :func:`to_rgb` (16-bit grayscale
+scaled, not clipped) under a pixel limit (``max_image_pixels``, PIL's decompression-bomb
+check); a bad image is skipped and counted within ``max_bad_image_fraction``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from PIL import Image
 from torch.utils.data.dataloader import default_collate
 
+from lavis_ext.errors import ConfigError, LavisExtError
 from lavis_ext.offline import require_file
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default (Image.MAX_IMAGE_PIXELS)
+MAX_IMAGE_PIXELS_KEY = "run.max_image_pixels"
+# integer grayscale modes whose values span 0..65535 (16-bit PNG and TIFF); "RGB" conversion clips them at 255
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
-class DataError(ValueError):
+
+class DataError(LavisExtError, ValueError):
     """Bad dataset content; the message names the file, and the record where there is one."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image.convert("RGB")``, except that 16-bit grayscale is scaled to 8 bits (``v / 257``):
+    PIL's conversion clips every value above 255, so such images arrive almost white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+        image = Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+@contextmanager
+def pixel_limit(max_pixels: int):
+    """Within the block, opening an image of more than ``max_pixels`` pixels raises PIL's
+    ``DecompressionBombWarning`` (PIL itself raises only above twice its limit)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 @dataclass(frozen=True)
@@ -59,11 +93,16 @@ class ImageDatasetExt(BaseDataset):
         vis_processor, text_processor: LAVIS processors (train or eval ones, by split).
         vis_root (str): images are opened at ``join(vis_root, record["image"])``.
         ann_paths (list[str]): the annotation files (only the first ``NUM_RECORD_FILES`` hold records).
-        max_bad_image_fraction (float, default 0.0): how many undecodable/missing images
-            (distinct files, as a fraction of ``len(self)``) are skipped, each replaced by
-            the next valid sample, before one raises. Counted per process (per worker).
+        max_bad_image_fraction (float, default 0.0): how many undecodable, missing or too
+            large images (distinct files, as a fraction of ``len(self)``) are skipped, each
+            replaced by the next valid sample, before one raises. Counted per process (per worker).
         name (str): used in logs, e.g. ``"coco_caption_ext/train"``.
+
+    ``max_image_pixels`` (default PIL's 89,478,485) is the largest image decoded; the CLI sets
+    it from ``run.max_image_pixels`` (:func:`set_max_image_pixels`).
     """
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     REQUIRED_KEYS: tuple[str, ...] = ("image",)
     LIST_KEYS: tuple[str, ...] = ()  # sample keys the collater keeps as plain lists (ids, answers)
@@ -126,10 +165,13 @@ class ImageDatasetExt(BaseDataset):
     def load_image(self, index: int) -> Image.Image:
         path = self.image_path(index)
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
+            with pixel_limit(self.max_image_pixels), Image.open(path) as image:
+                return to_rgb(image)
         except FileNotFoundError as exc:
             raise DataError(f"image file not found: {path} (from {self.sources[index]})") from exc
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise DataError(f"image {path} is larger than {MAX_IMAGE_PIXELS_KEY} = {self.max_image_pixels}: {exc} "
+                            f"(from {self.sources[index]})") from exc
         except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             raise DataError(f"cannot decode image {path}: {exc} (from {self.sources[index]})") from exc
 
@@ -168,3 +210,14 @@ class ImageDatasetExt(BaseDataset):
         for key in keep:
             batch[key] = [s[key] for s in samples]
         return batch
+
+
+def set_max_image_pixels(datasets: dict, max_pixels) -> None:
+    """Set the pixel limit of every lavis-ext dataset in ``datasets`` (``{name: {split: dataset}}``,
+    as tasks build them); ``max_pixels`` is ``run.max_image_pixels``."""
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels <= 0:
+        raise ConfigError(f"{MAX_IMAGE_PIXELS_KEY} = {max_pixels!r}: expected a positive number of pixels")
+    for splits in datasets.values():
+        for dataset in splits.values():
+            if isinstance(dataset, ImageDatasetExt):
+                dataset.max_image_pixels = max_pixels

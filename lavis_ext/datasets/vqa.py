@@ -18,12 +18,15 @@ upstream's ``VQATask.valid_step`` called ``.item()`` on them).
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 
 from lavis_ext.datasets.base import AnnSource, DataError, ImageDatasetExt, read_json
+
+logger = logging.getLogger(__name__)
 
 
 class VQAEvalDatasetExt(ImageDatasetExt):
@@ -49,6 +52,24 @@ class VQAEvalDatasetExt(ImageDatasetExt):
             raise DataError(f"{source}: 'question' must be a string, got {record['question']!r}")
         if not isinstance(record["question_id"], (int, str)):
             raise DataError(f"{source}: 'question_id' must be an int or a string, got {record['question_id']!r}")
+
+    def _select(self, annotations: list[dict], sources: list[AnnSource]):
+        """One record per ``question_id``: an exact repeat is dropped; a different record under the
+        same id is refused, naming both (one would be scored against the other's answers)."""
+        first: dict = {}
+        kept, kept_sources = [], []
+        for record, source in zip(annotations, sources):
+            qid = record["question_id"]
+            if qid not in first:
+                first[qid] = (record, source)
+                kept.append(record)
+                kept_sources.append(source)
+                continue
+            earlier, earlier_source = first[qid]
+            if record != earlier:
+                raise DataError(f"question_id {qid!r} is used by two different records: {earlier_source} and {source}")
+            logger.warning("%s repeats %s (question_id %r): dropped", source, earlier_source, qid)
+        return kept, kept_sources
 
     def _sample(self, index: int, image: Image.Image) -> dict:
         ann = self.annotation[index]

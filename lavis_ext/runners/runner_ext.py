@@ -37,7 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lavis_ext.checkpoint import atomic_save, load_partial_state
+from lavis_ext.checkpoint import (atomic_save, atomic_write_text, load_checkpoint_file, load_partial_state,
+                                  remove_stale_temporaries, temporary_path)
+from lavis_ext.errors import LavisExtError
 from lavis_ext.runners.sampler import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ METRICS_FILE = "metrics.jsonl"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LavisExtError, RuntimeError):
     """Raised after ``run.max_nonfinite_steps`` consecutive non-finite losses."""
 
 
@@ -329,7 +331,7 @@ class RunnerExt(RunnerBase):
             atomic_save(checkpoint, last)
             if end_of_epoch:
                 named = self.output_dir / f"checkpoint_{'best' if is_best else cur_epoch}.pth"
-                tmp = named.with_name(f".{named.name}.tmp")
+                tmp = temporary_path(named)
                 tmp.unlink(missing_ok=True)
                 os.link(last, tmp)
                 os.replace(tmp, named)
@@ -339,9 +341,7 @@ class RunnerExt(RunnerBase):
     def _load_checkpoint(self, url_or_filename):
         """Resume: weights, optimizer, scaler, position and every rank's RNG state."""
         path = Path(url_or_filename)
-        if not path.is_file():
-            raise FileNotFoundError(f"run.resume_ckpt_path = {url_or_filename!r}: no such file")
-        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        checkpoint = load_checkpoint_file(path, "run.resume_ckpt_path (--resume)", map_location=self.device)
         load_partial_state(self.unwrap_dist_model(self.model), checkpoint["model"], str(path))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
@@ -357,7 +357,28 @@ class RunnerExt(RunnerBase):
                                len(rng_states), get_world_size())
             else:
                 set_rng_state(rng_states[get_rank()])
+        if is_main_process():
+            self._clean_job_dir()
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.start_epoch, self.start_iter)
+
+    def _clean_job_dir(self) -> None:
+        """After a resume the job dir reads as if the run had never stopped: ``metrics.jsonl`` keeps
+        only the steps up to the checkpoint (this run logs the later ones again), and the temporary
+        files of an interrupted save are removed."""
+        for stale in remove_stale_temporaries(self.output_dir):
+            logger.info("removed %s, left by an interrupted save", stale)
+        metrics = self.output_dir / METRICS_FILE
+        if not metrics.is_file():
+            return
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+                continue
+            if step <= self.global_step:
+                kept.append(line + "\n")
+        atomic_write_text(metrics, "".join(kept))
 
     @property
     def resume_ckpt_path(self):

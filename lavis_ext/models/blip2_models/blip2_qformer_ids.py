@@ -51,6 +51,8 @@ from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutput, BlipSimilarity
 
+from lavis_ext.checkpoint import load_checkpoint_file, load_state_dict_named, model_weights
+
 logger = logging.getLogger(__name__)
 
 NO_ID = -1  # marks a sample without an image id; real ids are >= 0
@@ -155,9 +157,18 @@ def itm_negative_weights(sim: torch.Tensor, pos_mask: torch.Tensor, rank: int = 
     zeroes only the diagonal block at ``rank * bs``. A row whose every column is a positive
     (the whole global batch shows one image) has no valid negative: it falls back to the
     stock rule, zeroing only its own column, and a warning is logged.
+
+    A row with non-finite similarities (a diverged step) is sampled uniformly instead of
+    failing in ``torch.multinomial``: the step's ITC loss is non-finite as well, so
+    runner_ext skips it or aborts (``run.max_nonfinite_steps``), and every rank still runs
+    the same collectives.
     """
     bs = sim.size(0)
     base = F.softmax(sim.float(), dim=1) + 1e-4
+    diverged = ~torch.isfinite(base).all(1)
+    if diverged.any():
+        logger.warning("ITM: %d sample(s) have non-finite similarities; negatives drawn uniformly", int(diverged.sum()))
+        base = base.masked_fill(diverged.unsqueeze(1), 1.0)
     weights = base.masked_fill(pos_mask, 0.0)
     empty = weights.sum(1) == 0
     if empty.any():
@@ -301,6 +312,21 @@ class Blip2QformerIds(Blip2Qformer):
     def _ones(embeds: torch.Tensor) -> torch.Tensor:
         """All-ones attention mask over the first two dims of ``embeds``."""
         return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
+    def load_from_pretrained(self, url_or_filename):
+        """Stock ``Blip2Base.load_from_pretrained`` (``blip2.py:80-96``: non-strict), read safely
+        (:func:`~lavis_ext.checkpoint.load_checkpoint_file`) and naming the file on a mismatch."""
+        return self._load_weights(url_or_filename, "model.pretrained")
+
+    def load_checkpoint(self, url_or_filename):
+        """Stock ``BaseModel.load_checkpoint`` (``base_model.py:29-53``), read as :meth:`load_from_pretrained`."""
+        return self._load_weights(url_or_filename, "model.finetuned")
+
+    def _load_weights(self, path, key: str):
+        state_dict = model_weights(load_checkpoint_file(path, key), key, path)
+        missing, unexpected = load_state_dict_named(self, state_dict, f"{key} = {path}")
+        logger.info("loaded %s from %s; missing keys %s, unexpected keys %s", key, path, missing, unexpected)
+        return missing, unexpected
 
     @classmethod
     def from_config(cls, cfg):
