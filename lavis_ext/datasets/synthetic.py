@@ -17,6 +17,9 @@ Files under ``ROOT`` (everything is a pure function of the seed):
 - ``<split>_zh.json``: the same in Chinese (``"两个红色圆形和一个蓝色方形"``), for
   ``synthetic_caption`` with ``build_info.annotations.train.storage`` pointed at it.
 - ``objects_<split>.json``: ``{image_id: [{"colour", "shape", "row", "col", "x", "y"}]}`` (ground truth).
+- ``conversations_<split>.json``: LLaVA-format multi-turn conversations about each image (its
+  questions of all three answer types in random order, ``<image>`` in the first human turn; one in
+  :data:`CHINESE_FRACTION` in Chinese), for the ``llava_conversation`` builder (instruction tuning).
 - VQA in LAVIS's ``coco_vqa`` eval format (:func:`~lavis_ext.datasets.vqa.write_vqa_files`):
   ``vqa_<split>.json`` (``question_id``, ``question``, ``answer`` x 10, ``image``, ``image_id``),
   ``answer_list_<split>.json``, and the official ``<split>_questions.json`` and
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +73,18 @@ ID_OFFSET = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # image ids are u
 ANSWERS_PER_QUESTION = 10
 ANSWER_TYPES = ("yes/no", "number", "other")
 DEFAULT_SIZES = {"train": 4000, "val": 200, "test": 300}  # images per split
+CHINESE_FRACTION = 0.25  # of the conversations
+# The English question templates of questions(), in Chinese; answers: yes/no, digits, colours and shapes.
+QUESTIONS_ZH = {
+    r"is there anything (\w+)\?": "图片里有{colour}的东西吗？",
+    r"are there any (\w+)\?": "图片里有{shape}吗？",
+    r"how many objects are there\?": "图片里有几个物体？",
+    r"how many (\w+) objects are there\?": "图片里有几个{colour}的物体？",
+    r"how many (\w+) are there\?": "图片里有几个{shape}？",
+    r"what colour is the (\w+)\?": "{shape}是什么颜色？",
+    r"what shape is the (\w+) object\?": "{colour}的物体是什么形状？",
+}
+YES_NO_ZH = {"yes": "是", "no": "否"}
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,34 @@ def questions(objects: list[Obj], rng: random.Random) -> list[QA]:
     return result
 
 
+def word_zh(word: str) -> str:
+    """A colour, shape (singular or plural), yes/no or digit answer in Chinese; digits stay."""
+    shape = _singular(word)
+    return COLOURS_ZH.get(word) or (SHAPES_ZH[shape] if shape else None) or YES_NO_ZH.get(word) or word
+
+
+def question_zh(question: str) -> str:
+    """One of :func:`questions`' English questions in Chinese."""
+    for pattern, template in QUESTIONS_ZH.items():
+        match = re.fullmatch(pattern, question)
+        if match:
+            word = word_zh(match.group(1)) if match.groups() else ""
+            return template.format(colour=word, shape=word)
+    raise ValueError(f"no Chinese template for the question {question!r}")
+
+
+def conversation(image_id: int, image: str, qas: list[QA], rng: random.Random) -> dict:
+    """A LLaVA-format record: the image's questions as turns, in random order, English or Chinese."""
+    qas = rng.sample(qas, len(qas))
+    chinese = rng.random() < CHINESE_FRACTION
+    turns = []
+    for k, qa in enumerate(qas):
+        question, answer = (question_zh(qa.question), word_zh(qa.answer)) if chinese else (qa.question, qa.answer)
+        turns += [{"from": "human", "value": f"<image>\n{question}" if k == 0 else question},
+                  {"from": "gpt", "value": answer}]
+    return {"id": str(image_id), "image": image, "conversations": turns}
+
+
 # --------------------------------------------------------------------------- writing a world
 
 
@@ -211,9 +255,10 @@ def make_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = N
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     for split in SPLITS:
         rng = random.Random(f"{seed}-{split}")
+        conversation_rng = random.Random(f"{seed}-{split}-conversations")  # leaves the other files as they were
         image_dir = root / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        captions, captions_zh, objects_by_id, vqa = [], [], {}, []
+        captions, captions_zh, objects_by_id, vqa, conversations = [], [], {}, [], []
         for n in range(sizes[split]):
             image_id = ID_OFFSET[split] + n
             image = f"{split}/{image_id}.png"
@@ -226,13 +271,16 @@ def make_world(root: str | Path, seed: int = 0, sizes: dict[str, int] | None = N
             else:
                 captions.append({"image": image, "caption": eval_captions(objects), "image_id": image_id})
                 captions_zh.append({"image": image, "caption": [caption_zh(objects)], "image_id": image_id})
-            for k, qa in enumerate(questions(objects, rng)):
+            qas = questions(objects, rng)
+            conversations.append(conversation(image_id, image, qas, conversation_rng))
+            for k, qa in enumerate(qas):
                 vqa.append({"question_id": image_id * 10 + k, "question": qa.question,
                             "answers": [qa.answer] * ANSWERS_PER_QUESTION, "image": image, "image_id": image_id,
                             "answer_type": qa.answer_type, "question_type": qa.question_type})
         _write_json(root / f"{split}.json", captions)
         _write_json(root / f"{split}_zh.json", captions_zh)
         _write_json(root / f"objects_{split}.json", objects_by_id)
+        _write_json(root / f"conversations_{split}.json", conversations)
         write_vqa_files(root, split, vqa)
     return root
 
