@@ -150,7 +150,7 @@ def _write_llm(dst: Path, d: Dims, dtype: torch.dtype) -> None:
     """
     make_tiny_internlm2(dst, hidden_size=d.llm_hidden, num_layers=0, num_heads=d.llm_heads,
                         num_kv_heads=d.llm_kv_heads, intermediate_size=d.llm_intermediate,
-                        max_position_embeddings=32768, texts=CAPTIONS)
+                        max_position_embeddings=32768, texts=CAPTIONS, dtype=dtype)
     config = json.loads((dst / "config.json").read_text())
     n_pieces = config["vocab_size"]
     config.update(vocab_size=d.llm_vocab, num_hidden_layers=d.llm_layers)

@@ -104,6 +104,11 @@ def reference_logits(ckpt: Path, input_ids: torch.Tensor, use_scaling: bool = Tr
     return _rms_norm(x, w["model.norm.weight"], eps) @ w["output.weight"].T
 
 
+# English, Chinese, spaces, newlines, tabs, emoji, digits and added tokens inside text.
+TOKENIZER_TEXTS = ["a red circle.", "你好，世界！", " two  spaces ", "a\n\nb\tc", "emoji 🙂 2024",
+                   "x <|plugin|> y", "<s>hi</s>", "a<|im_end|>b", ""]
+
+
 # ---------------------------------------------------------------- helpers
 def _input_ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (SEQ_LEN,), generator=torch.Generator().manual_seed(1))
@@ -369,10 +374,16 @@ def test_convert_cli_writes_llama_layout(tmp_path: Path) -> None:
     assert torch.equal(_logits(converted, input_ids), _logits(original, input_ids))
     assert _max_diff(converted, src, input_ids) <= TOLERANCE
 
-    # transformers' own LlamaTokenizer reads the saved files and agrees with ours.
+    # The copy's tokenizer gives the same ids, through ours and through transformers' own
+    # LlamaTokenizer, which decodes the chat tokens by their texts, not as [UNUSED_TOKEN_*].
+    copied = load_internlm2_tokenizer(dst)
     llama_tokenizer = transformers.LlamaTokenizer.from_pretrained(dst)
     messages = [{"role": "user", "content": "Hello 世界, a red circle."}]
     chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ours = tokenizer.encode(chat, add_special_tokens=False)
-    assert llama_tokenizer.encode(chat, add_special_tokens=False) == ours
-    assert llama_tokenizer("Hello 世界！")["input_ids"] == tokenizer.encode("Hello 世界！")
+    for text in [chat, *TOKENIZER_TEXTS]:
+        ours = tokenizer.encode(text)
+        assert copied.encode(text) == ours
+        assert llama_tokenizer(text)["input_ids"] == ours, text
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert llama_tokenizer.convert_ids_to_tokens([im_end, im_start]) == ["<|im_end|>", "<|im_start|>"]
+    assert "[UNUSED_TOKEN" not in llama_tokenizer.decode(tokenizer.encode(chat))
