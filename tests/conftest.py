@@ -39,9 +39,9 @@ def tiny_coco(tiny_dir) -> Path:
     return make_caption_data(tiny_dir / "coco", num_images=8)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_env(tiny_parts, tiny_coco) -> dict[str, str]:
-    """Environment for subprocesses that build tiny models and read tiny COCO data."""
+    """Environment for subprocesses that build tiny models and read tiny COCO data (callers copy it to change it)."""
     env = dict(os.environ)
     env.update(LAVIS_EXT_BERT=str(tiny_parts["bert"]), LAVIS_EXT_VIT=str(tiny_parts["vit"]),
                TINY_COCO_ANN=str(tiny_coco), TINY_COCO_IMAGES=str(tiny_coco.parent / "images"),
