@@ -25,6 +25,8 @@ import sentencepiece as spm
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from lavis_ext.errors import LavisExtError
+
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -40,7 +42,7 @@ NAMED_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<
 PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(LavisExtError, ValueError):
     """A tokenizer file that is missing, malformed or inconsistent; the message names the file."""
 
 
