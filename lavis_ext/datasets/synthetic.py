@@ -14,8 +14,8 @@ Files under ``ROOT`` (everything is a pure function of the seed):
 - ``images/<split>/<image_id>.png``
 - ``<split>.json``: COCO Karpathy captions; ``train`` has one record per caption
   (``{"image", "caption", "image_id"}``), ``val``/``test`` one record per image with a caption list.
-- ``<split>_zh.json``: the same in Chinese (``"两个红色圆形和一个蓝色方形"``), for
-  ``synthetic_caption`` with ``build_info.annotations.train.storage`` pointed at it.
+- ``<split>_zh.json``: the same in Chinese (``"两个红色圆形和一个蓝色方形"``), for the
+  ``synthetic_caption_zh`` builder (prompt ``一张图片的描述：``).
 - ``objects_<split>.json``: ``{image_id: [{"colour", "shape", "row", "col", "x", "y"}]}`` (ground truth).
 - ``conversations_<split>.json``: LLaVA-format multi-turn conversations about each image (its
   questions of all three answer types in random order, ``<image>`` in the first human turn; one in
@@ -30,13 +30,15 @@ Answer types: ``yes/no`` (is there anything <colour>? are there any <shape>s?), 
 shape is the <colour> object?, asked only where the answer is unique). Answers are already in
 VQA-normalised form (lowercase, digits).
 
-Scoring: :func:`attribute_scores` parses generated captions (:func:`parse_caption`) and compares
-colours (F1), shapes (F1) and the object count (accuracy) with the truth;
+Scoring: :func:`attribute_scores` parses generated captions (:func:`parse_caption`, or
+:func:`parse_caption_zh` for Chinese ones) and compares colours (F1), shapes (F1) and the object
+count (accuracy) with the truth;
 :func:`majority_baseline` is the VQA accuracy of always giving the train split's most common
 answer of each answer type, :func:`chance_baseline` that of a uniformly random answer of the type.
 
-Registers the ``synthetic_caption`` and ``synthetic_vqa`` builders (default configs in
-``configs/datasets/synthetic/``).
+Registers the ``synthetic_caption``, ``synthetic_caption_zh`` and ``synthetic_vqa`` builders (default
+configs in ``configs/datasets/synthetic/``); the caption builders take a ``prompt`` (see
+:mod:`lavis_ext.datasets.caption_zh`), so one run trains on both languages.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from lavis_ext.datasets.base import read_json
-from lavis_ext.datasets.builders import COCOCaptionBuilderExt, COCOVQABuilderExt, register_builder_ext
+from lavis_ext.datasets.builders import COCOVQABuilderExt, register_builder_ext
+from lavis_ext.datasets.caption_zh import PromptedBuilderExt
 from lavis_ext.datasets.vqa import write_vqa_files
 
 COLOURS = {"red": (220, 30, 30), "green": (20, 160, 40), "blue": (30, 60, 230), "yellow": (235, 200, 0),
@@ -309,6 +312,16 @@ def parse_caption(text: str) -> list[tuple[int, str | None, str]]:
     return found
 
 
+def parse_caption_zh(text: str) -> list[tuple[int, str | None, str]]:
+    """:func:`parse_caption` of a Chinese caption: ``"两个红色圆形和一个蓝色方形"`` ->
+    ``[(2, "red", "circle"), (1, "blue", "square")]``; a shape word without a count word counts 1."""
+    counts = {w: n for n, w in NUMBER_WORDS_ZH.items()}
+    colours = {w: c for c, w in COLOURS_ZH.items()}
+    shapes = {w: s for s, w in SHAPES_ZH.items()}
+    pattern = "({})?({})?({})".format(*("|".join(map(re.escape, d)) for d in (counts, colours, shapes)))
+    return [(counts.get(n, 1), colours.get(c), shapes[s]) for n, c, s in re.findall(pattern, text)]
+
+
 def _f1(predicted: set, truth: set) -> float:
     if not predicted or not truth:
         return float(predicted == truth)
@@ -316,13 +329,14 @@ def _f1(predicted: set, truth: set) -> float:
     return 2 * hits / (len(predicted) + len(truth))
 
 
-def attribute_scores(predicted: list[str], truth: list[str]) -> dict[str, float]:
-    """Mean per-caption colour F1, shape F1 and object-count accuracy, and their mean ``attribute``."""
+def attribute_scores(predicted: list[str], truth: list[str], parse=parse_caption) -> dict[str, float]:
+    """Mean per-caption colour F1, shape F1 and object-count accuracy, and their mean ``attribute``
+    (``parse``: :func:`parse_caption`, or :func:`parse_caption_zh` for Chinese captions)."""
     if len(predicted) != len(truth) or not truth:
         raise ValueError(f"attribute_scores: {len(predicted)} predicted for {len(truth)} true captions")
     colour = shape = count = 0.0
     for pred_text, true_text in zip(predicted, truth):
-        pred, true = parse_caption(pred_text), parse_caption(true_text)
+        pred, true = parse(pred_text), parse(true_text)
         if not true:
             raise ValueError(f"attribute_scores: no object in the true caption {true_text!r}")
         colour += _f1({c for _, c, _ in pred if c}, {c for _, c, _ in true})
@@ -387,8 +401,13 @@ def chance_baseline(train: list[dict], evaluated: list[dict]) -> dict[str, float
 
 
 @register_builder_ext("synthetic_caption", "synthetic/caption.yaml")
-class SyntheticCaptionBuilder(COCOCaptionBuilderExt):
+class SyntheticCaptionBuilder(PromptedBuilderExt):
     """Captions of the synthetic world, in COCO Karpathy format (``make_world`` writes them)."""
+
+
+@register_builder_ext("synthetic_caption_zh", "synthetic/caption_zh.yaml")
+class SyntheticCaptionZhBuilder(SyntheticCaptionBuilder):
+    """The same captions in Chinese (``<split>_zh.json``), with the Chinese caption prompt."""
 
 
 @register_builder_ext("synthetic_vqa", "synthetic/vqa.yaml")
