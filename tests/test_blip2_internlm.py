@@ -42,7 +42,7 @@ def test_unknown_config_key_is_refused(tiny_model_env):
 
 def test_missing_llm_path_names_the_key(tiny_model_env, monkeypatch):
     monkeypatch.setenv("LAVIS_EXT_TINY_LLM", "/no/such/llm")
-    with pytest.raises(FileNotFoundError, match=r"model.llm_path = '/no/such/llm'"):
+    with pytest.raises(FileNotFoundError, match=r"model\.llm_path .*= '/no/such/llm': no such directory"):
         load_model("blip2_internlm", "tiny")
 
 
@@ -183,32 +183,123 @@ def test_unexpected_key_in_checkpoint_is_refused(model, tmp_path):
         model.load_checkpoint(str(path))
 
 
-def stage1_checkpoint(tmp_path, tiny_parts):
-    """A stock LAVIS stage-1 (``blip2``) checkpoint of the same tiny sizes, trainable keys only."""
+def stage1_checkpoint(tmp_path, tiny_parts, arch: str = "blip2"):
+    """A stage-1 checkpoint of the same tiny sizes, as LAVIS's runner writes it (buffers included)."""
     from omegaconf import OmegaConf
     from lavis_ext import offline
+    from lavis_ext.tiny.blip2 import write_lavis_checkpoint
 
     offline.configure({"bert_path": str(tiny_parts["bert"]), "vit_path": str(tiny_parts["vit"])})
     cfg = OmegaConf.create(dict(vit_model="eva_clip_g", image_size=32, num_query_token=N_QUERY, vit_precision="fp32",
                                 freeze_vit=True, load_finetuned=False, pretrained=""))
-    stage1 = registry.get_model_class("blip2").from_config(cfg)
-    path = tmp_path / "stage1.pth"
-    torch.save({"model": trainable_state(stage1)}, path)
-    return stage1, path
+    stage1 = registry.get_model_class(arch).from_config(cfg)
+    with torch.no_grad():
+        stage1.query_tokens.add_(1.0)  # unlike any fresh initialisation
+    return stage1, write_lavis_checkpoint(stage1, tmp_path / "stage1.pth")
 
 
-def test_stage1_into_stage2(model, tiny_parts, tmp_path):
-    stage1, path = stage1_checkpoint(tmp_path, tiny_parts)
+@pytest.mark.parametrize("arch", ["blip2", "blip2_qformer_ext"])
+def test_stage1_into_stage2(model, tiny_parts, tmp_path, arch):
+    stage1, path = stage1_checkpoint(tmp_path, tiny_parts, arch)
+    saved = torch.load(path)["model"]
+    assert "Qformer.bert.embeddings.position_ids" in saved and "visual_encoder.pos_embed" not in saved
     model.load_from_pretrained(str(path))
     assert torch.equal(model.query_tokens, stage1.query_tokens)
     q1 = stage1.Qformer.bert.encoder.layer[0].crossattention.self.key.weight
     assert torch.equal(model.qformer.encoder.layer[0].crossattention.self.key.weight, q1)
+    ffn = stage1.Qformer.bert.encoder.layer[1].output_query.dense.weight
+    assert torch.equal(model.qformer.encoder.layer[1].output_query.dense.weight, ffn)
 
 
 def test_stage1_with_foreign_keys_is_refused(model, tiny_parts, tmp_path):
     stage1, path = stage1_checkpoint(tmp_path, tiny_parts)
-    checkpoint = torch.load(path)
+    checkpoint = torch.load(path, weights_only=False)
     checkpoint["model"]["opt_proj.weight"] = torch.zeros(2, 2)
     torch.save(checkpoint, path)
     with pytest.raises(RuntimeError, match="opt_proj.weight"):
         model.load_from_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------- loss, truncation, options
+
+
+def test_loss_equals_the_llms_own_loss_with_labels(model):
+    """forward's loss (LM head at target positions only) against transformers' shifted loss over all positions."""
+    sample = {"image": images(2), "text_input": ["a red circle", "two blue squares and more"], "prompt": ["a photo of", ""]}
+    embeds, mask, labels = model.build_llm_inputs(model.encode_images(sample["image"]), sample["prompt"],
+                                                  sample["text_input"])
+    reference = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(model(sample)["loss"], reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("room,kept", [(3, 3), (-2, 1)])  # max_txt_len - prompt tokens; a prompt too long keeps 1
+def test_max_txt_len_truncates_the_target(model, room, kept):
+    tok = model.llm_tokenizer
+    prompt, target = "a photo of", "two blue squares and a red circle on the left"
+    prompt_ids, target_ids = tok.encode(prompt), tok.encode(target, add_special_tokens=False)
+    model.config.max_txt_len = len(prompt_ids) + room
+    assert len(target_ids) > kept
+    _, mask, labels = model.build_llm_inputs(model.encode_images(images(1)), [prompt], [target])
+    assert [t for t in labels[0].tolist() if t != IGNORE_INDEX] == target_ids[:kept]  # cut, the EOS with it
+    assert mask[0].sum() == N_QUERY + len(prompt_ids) + kept
+
+
+def test_freeze_vit_false_trains_the_vision_encoder(tiny_model_env):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Blip2InternLM.default_config_path("tiny")).model
+    cfg.freeze_vit = False
+    model = Blip2InternLM.from_config(cfg)
+    model.train()
+    assert model.visual_encoder.training  # not pinned to eval as a frozen part is
+    model({"image": images(2), "text_input": ["a red circle", "a blue square"]})["loss"].backward()
+    vit = list(model.visual_encoder.parameters())
+    assert all(p.requires_grad for p in vit) and all(p.grad is not None for p in vit)
+    assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
+def test_prompt_count_must_match_the_images(model):
+    with pytest.raises(ValueError, match=r"samples\['prompt'\] has 1 prompts for 2 images"):
+        model({"image": images(2), "text_input": ["a", "b"], "prompt": ["only one"]})
+
+
+def test_only_generate_inference_is_supported(model):
+    with pytest.raises(ValueError, match="blip2_internlm supports inference_method 'generate', got 'rank'"):
+        model.predict_answers({"image": images(1), "text_input": ["what?"]}, inference_method="rank")
+
+
+def test_lemmatizer_without_spacy_says_how_to_install(tiny_model_env):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Blip2InternLM.default_config_path("tiny")).model
+    cfg.apply_lemmatizer = True
+    with pytest.raises(ModuleNotFoundError, match="spacy download en_core_web_sm"):
+        Blip2InternLM.from_config(cfg)
+
+
+class StandInSpacy:
+    """A shortcut for spaCy's English pipeline (not installed here): nouns are words ending in "s",
+    verbs words ending in "ing"; their lemma drops the ending. Enough to see the wiring."""
+
+    def pipe(self, texts):
+        from types import SimpleNamespace
+
+        for text in texts:
+            doc = []
+            for word in text.split():
+                pos = "VERB" if word.endswith("ing") else "NOUN" if word.endswith("s") else "ADJ"
+                lemma = word[:-3] if pos == "VERB" else word[:-1] if pos == "NOUN" else word
+                doc.append(SimpleNamespace(text=word, lemma_=lemma, pos_=pos))
+            yield doc
+
+
+def test_apply_lemmatizer_lemmatises_the_answers_stand_in_spacy_shortcut(model, monkeypatch):
+    import lavis_ext.text as text
+
+    monkeypatch.setattr(text, "english_pipeline", lambda: StandInSpacy())
+    assert text.lemmatize(["dogs running", "red"]) == ["dog runn", "red"]
+    sample = {"image": images(2), "text_input": ["what?", "how many?"]}
+    raw = model.predict_answers(sample, num_beams=1, max_len=4)
+    model.config.apply_lemmatizer = True
+    assert model.predict_answers(sample, num_beams=1, max_len=4) == text.lemmatize(raw)

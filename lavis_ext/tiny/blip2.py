@@ -3,6 +3,9 @@
 
 They feed :mod:`lavis_ext.offline` through ``bert_path``/``vit_path`` exactly like real
 local copies of ``bert-base-uncased`` and ``eva_vit_g.pth`` do. Nothing binary is committed.
+The weight files in the real layouts (a ``bert-base-uncased`` directory with weights, a
+single-file EVA state dict, a LAVIS checkpoint with its buffers) are written by the
+``write_*`` functions at the end.
 """
 from __future__ import annotations
 
@@ -54,4 +57,68 @@ def make_tiny_vit(dst: str | Path, patch_size: int = 8, embed_dim: int = 32, dep
     config = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
               "num_heads": num_heads, "mlp_ratio": mlp_ratio}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+# --------------------------------------------------------------------------- real weight-file layouts
+
+
+def write_bert_base_uncased_layout(dst: str | Path, seed: int = 0, **sizes) -> Path:
+    """A ``bert-base-uncased``-layout directory with weights, of a tiny size: ``vocab.txt``,
+    ``config.json`` with ``architectures: ["BertForMaskedLM"]``, ``tokenizer_config.json`` and
+    ``model.safetensors`` holding ``BertForMaskedLM``'s keys (``bert.*``, ``cls.predictions.*``).
+
+    Layout of the hub repository ``google-bert/bert-base-uncased`` (what ``blip2.py:32,48,54``
+    download), written by transformers' own ``BertForMaskedLM.save_pretrained``. ``sizes`` go to
+    :func:`make_tiny_bert`.
+    """
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    dst = make_tiny_bert(dst, **sizes)
+    config = json.loads((dst / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(seed)
+    BertForMaskedLM(BertConfig(**config)).save_pretrained(str(dst))
+    return dst
+
+
+def write_eva_vit_state_dict(dst: str | Path, vit_dir: str | Path, pretrain_size: int, seed: int = 0) -> Path:
+    """An ``eva_vit_g.pth``-style single file: the ViT's bare state dict (no ``{"model": ...}``
+    wrapper), at a pretraining resolution ``pretrain_size`` whose position-embedding grid differs
+    from the one the model is built at (so loading interpolates it), and with one block more than
+    the architecture in ``<vit_dir>/config.json`` (EVA-CLIP-g has 40 blocks; LAVIS builds 39 and
+    ignores the last, ``eva_vit.py:415-436``).
+
+    Layout from ``lavis/models/eva_vit.py`` ``create_eva_vit_g``, which ``torch.load``s the file and
+    passes it to ``interpolate_pos_embed`` and ``load_state_dict(strict=False)``. Returns ``dst``.
+    """
+    import torch
+
+    from lavis_ext import offline
+
+    arch = json.loads((Path(vit_dir) / "config.json").read_text())
+    arch["depth"] += 1
+    torch.manual_seed(seed)
+    vit = offline.VISION_ARCHS["eva_clip_g"](pretrain_size, 0.0, False, **arch)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vit.state_dict(), dst)
+    return dst
+
+
+def write_lavis_checkpoint(model, dst: str | Path, epoch: int = 0) -> Path:
+    """A checkpoint as LAVIS's ``RunnerBase._save_checkpoint`` (``runner_base.py:565-590``) writes it:
+    ``{"model", "optimizer", "config", "scaler", "epoch"}``, where ``model`` is the full state dict
+    minus the parameters that do not require grad, so buffers (``Qformer.bert.embeddings.position_ids``)
+    stay in. The optimizer is a fresh AdamW over the trainable parameters. Returns ``dst``."""
+    import torch
+
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    dst = Path(dst)
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if k not in frozen},
+                "optimizer": optimizer.state_dict(), "config": {"model": {"arch": "blip2"}}, "scaler": None,
+                "epoch": epoch}, dst)
     return dst
