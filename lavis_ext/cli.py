@@ -55,7 +55,7 @@ USER_ERRORS = (LavisExtError, OSError, json.JSONDecodeError, yaml.YAMLError, Ome
                Image.DecompressionBombError, pickle.UnpicklingError)
 DEBUG_ENV = "LAVIS_EXT_DEBUG"
 EXIT_BAD_INPUT = 2
-PEER_GRACE_S = 3.0  # torchrun stops the other ranks within its monitor interval (0.1 s) of a failure
+PEER_GRACE_S = 5.0  # torchrun stops the other ranks within its monitor interval (0.1 s) of a failure
 
 
 class OptionsError(LavisExtError, KeyError):
@@ -218,11 +218,12 @@ def main(argv: list[str] | None, evaluate: bool):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         return run(argv, evaluate)
     except Exception as exc:
         bad_input = isinstance(exc, USER_ERRORS)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (os.environ.get("RANK", "0") != "0" or not bad_input):
+        if launched and (os.environ.get("RANK", "0") != "0" or not bad_input):
             time.sleep(PEER_GRACE_S)
         if not bad_input:
             raise
@@ -231,6 +232,9 @@ def main(argv: list[str] | None, evaluate: bool):
         message = " ".join(str(exc).split()) or type(exc).__name__
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
+        if launched:  # tearing down the process group can take seconds; gone now, torchrun stops the rest
+            sys.stdout.flush()
+            os._exit(EXIT_BAD_INPUT)
         sys.exit(EXIT_BAD_INPUT)
 
 

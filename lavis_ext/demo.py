@@ -7,7 +7,8 @@
    a tiny InternLM2 trained on the world's text (:mod:`lavis_ext.tiny.pretrain_llm`);
 2. stage 1 and stage 2 through ``run_scripts/`` and ``train.py`` with the demo yamls
    (``lavis_ext/projects/demo/``), exactly as real runs go;
-3. held-out test images: caption attribute accuracy (colour F1, shape F1, object count) and
+3. held-out test images: caption attribute accuracy (colour F1, shape F1, object count) in English
+   and in Chinese (stage 2 trains on both, each with its dataset's prompt; Chinese also CIDEr) and
    zero-shot VQA through ``evaluate.py`` (``run_scripts/blip2/eval/`` with the demo VQA yaml, the
    official VQA accuracy by answer type) of the trained model, against an untrained control (same
    parts, Q-Former and projection as initialised) and the chance and majority-answer baselines;
@@ -41,7 +42,8 @@ VIT_STEPS = 200
 EVAL_BATCH = 100
 PROCESSES = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}  # 2 CPU processes, one thread each
 NUM_SAMPLES = 6  # sample captions shown beside the truth
-ATTRIBUTE_GOAL = 0.8  # mean of colour F1, shape F1 and count accuracy on held-out images
+ATTRIBUTE_GOAL = 0.8  # mean of colour F1, shape F1 and count accuracy on held-out images (each language)
+CAPTION_LENGTH = {"en": 20, "zh": 30}  # new tokens: the tiny tokenizer has fewer Chinese pieces per word
 OTHER_GOAL = 1.5  # VQA "other" accuracy over the majority baseline's
 
 
@@ -83,31 +85,39 @@ def demo_env(root: Path, assets: dict) -> dict[str, str]:
 
 
 def run_script(script: str, cfg_path: Path, options: list[str], env: dict[str, str], log: Path,
-               progress: Path | None = None) -> None:
+               output_dir: Path, progress: bool = False) -> Path:
     """Run ``run_scripts/blip2/<script>`` with ``CFG_PATH``, its output into ``log``; raise with the log's tail
-    on failure. With ``progress`` (a run's ``output_dir``), a progress bar counts its logged iterations."""
+    on failure. Returns the job dir the run made under its ``output_dir`` (earlier runs' job dirs stay
+    beside it). With ``progress``, a progress bar counts the run's logged iterations."""
     env = {**os.environ, "PYTHON": sys.executable, "CFG_PATH": str(cfg_path), **env}
     command = ["bash", f"run_scripts/blip2/{script}"] + (["--options", *options] if options else [])
     print(f"running {command[1]} with {cfg_path.name} (log: {log})", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out, tqdm(desc=f"{cfg_path.stem}: iterations", unit="it", disable=progress is None) as bar:
+    earlier = job_dirs(output_dir)
+    with open(log, "w") as out, tqdm(desc=f"{cfg_path.stem}: iterations", unit="it", disable=not progress) as bar:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         while child.poll() is None:
             time.sleep(1.0)
-            if progress is not None:
-                bar.update(logged_iterations(progress) - bar.n)
+            if progress:
+                bar.update(sum(logged_iterations(job) for job in job_dirs(output_dir) - earlier) - bar.n)
     if child.returncode != 0:
         raise RuntimeError(f"{script} (CFG_PATH={cfg_path}) failed; the end of {log}:\n{log.read_text()[-4000:]}")
+    new = job_dirs(output_dir) - earlier
+    if len(new) != 1:
+        raise RuntimeError(f"{script} (CFG_PATH={cfg_path}): expected one new job dir under {output_dir}, "
+                           f"found {sorted(map(str, new))}")
+    return new.pop()
 
 
-def logged_iterations(output_dir: Path) -> int:
-    """Lines in the ``metrics.jsonl`` files under ``output_dir`` (runner_ext logs one per iteration)."""
-    return sum(len(f.read_bytes().splitlines()) for f in output_dir.glob(f"*/{METRICS_FILE}"))
+def job_dirs(output_dir: Path) -> set[Path]:
+    """The job dirs (``<job_id>/``) under a run's ``output_dir``."""
+    return {p for p in output_dir.glob("*") if p.is_dir()}
 
 
-def job_dir(output_dir: Path) -> Path:
-    (job,) = (p.parent for p in output_dir.glob(f"*/{METRICS_FILE}"))
-    return job
+def logged_iterations(job: Path) -> int:
+    """Lines in the job's ``metrics.jsonl`` (runner_ext logs one per iteration)."""
+    metrics = job / METRICS_FILE
+    return len(metrics.read_bytes().splitlines()) if metrics.is_file() else 0
 
 
 def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = (), stage2_options: list[str] = (),
@@ -117,14 +127,13 @@ def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = ()
     env = {**PROCESSES, **env}
     timings = {} if timings is None else timings
     with timed(timings, "stage1"):
-        run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env, root / "logs" / "stage1.log",
-                   progress=root / "demo" / "pretrain_stage1")
-    stage1 = job_dir(root / "demo" / "pretrain_stage1")
+        stage1 = run_script("train/pretrain_stage1.sh", STAGE1_YAML, list(stage1_options), env,
+                            root / "logs" / "stage1.log", root / "demo" / "pretrain_stage1", progress=True)
     with timed(timings, "stage2"):
-        run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
-                   {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")},
-                   root / "logs" / "stage2.log", progress=root / "demo" / "pretrain_stage2")
-    return {"stage1": stage1, "stage2": job_dir(root / "demo" / "pretrain_stage2")}
+        stage2 = run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
+                            {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")},
+                            root / "logs" / "stage2.log", root / "demo" / "pretrain_stage2", progress=True)
+    return {"stage1": stage1, "stage2": stage2}
 
 
 # --------------------------------------------------------------------------- step 3: held-out evaluation
@@ -146,25 +155,38 @@ def load_demo_model(checkpoint: Path | None):
     return model_cls.from_config(cfg).eval()
 
 
-def split_images(world: Path, split: str) -> tuple[torch.Tensor, list[dict]]:
-    """The split's images ``[N, 3, S, S]`` (eval processing) and caption records, both by image id."""
+def split_images(world: Path, split: str, captions: str = "{split}.json") -> tuple[torch.Tensor, list[dict]]:
+    """The split's images ``[N, 3, S, S]`` (eval processing) and caption records (file ``captions``), both by image id."""
     from lavis_ext.datasets.synthetic import read_world_file
     from lavis_ext.tiny.pretrain_vit import load_split
 
     images, _, _ = load_split(world, split)
-    return images, sorted(read_world_file(world, f"{split}.json"), key=lambda r: r["image_id"])
+    return images, sorted(read_world_file(world, captions.format(split=split)), key=lambda r: r["image_id"])
 
 
-def caption_scores(model, world: Path, split: str = "test") -> tuple[dict[str, float], list[tuple[str, str]]]:
-    """Greedy captions of the split's images; attribute scores and ``(generated, truth)`` pairs."""
-    from lavis_ext.datasets.synthetic import attribute_scores
+def caption_scores(model, world: Path, split: str = "test",
+                   language: str = "en") -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """Greedy captions of the split's images in ``language`` (``en``, or ``zh``: the Chinese prompt, as the
+    ``synthetic_caption_zh`` set trains it); attribute scores (Chinese: also CIDEr, jieba-segmented) and
+    ``(generated, truth)`` pairs."""
+    from lavis_ext.datasets.synthetic import attribute_scores, parse_caption, parse_caption_zh
+    from lavis_ext.tasks.captioning import score_captions
+    from lavis_ext.text_zh import CAPTION_PROMPT_ZH
 
-    images, records = split_images(world, split)
+    prompt, captions, parse = ("", "{split}.json", parse_caption) if language == "en" else (
+        CAPTION_PROMPT_ZH, "{split}_zh.json", parse_caption_zh)
+    images, records = split_images(world, split, captions)
     truth = [r["caption"][0] for r in records]
     generated = []
     for i in range(0, len(images), EVAL_BATCH):
-        generated += model.generate({"image": images[i:i + EVAL_BATCH]}, num_beams=1, max_length=20)
-    return attribute_scores(generated, truth), list(zip(generated, truth))
+        batch = images[i:i + EVAL_BATCH]
+        generated += model.generate({"image": batch, "prompt": [prompt] * len(batch)}, num_beams=1,
+                                    max_length=CAPTION_LENGTH[language])
+    scores = attribute_scores(generated, truth, parse)
+    if language == "zh":
+        scores["cider"] = score_captions(dict(enumerate(generated)), dict(enumerate(r["caption"] for r in records)),
+                                         "jieba")[0]["CIDEr"]
+    return scores, list(zip(generated, truth))
 
 
 def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path | None) -> dict[str, float]:
@@ -174,10 +196,10 @@ def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path |
     from lavis_ext.datasets.synthetic import ANSWER_TYPES
 
     output = root / "demo" / f"vqa_{name}"
-    run_script("eval/vqav2_zeroshot_internlm2.sh", VQA_YAML, [f"run.output_dir={output}"],
-               {**PROCESSES, **env, "LAVIS_EXT_STAGE2_CKPT": str(checkpoint or "")}, root / "logs" / f"vqa_{name}.log")
-    (metrics_file,) = output.glob("*/test_metrics.json")
-    metrics = json.loads(metrics_file.read_text())
+    job = run_script("eval/vqav2_zeroshot_internlm2.sh", VQA_YAML, [f"run.output_dir={output}"],
+                     {**PROCESSES, **env, "LAVIS_EXT_STAGE2_CKPT": str(checkpoint or "")},
+                     root / "logs" / f"vqa_{name}.log", output)
+    metrics = json.loads((job / "test_metrics.json").read_text())
     return {"overall": metrics["agg_metrics"] / 100, **{t: metrics[t] / 100 for t in ANSWER_TYPES}}
 
 
@@ -188,9 +210,11 @@ def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict
     train, test = read_annotations(world, "train"), read_annotations(world, "test")
     result = {"chance": {"vqa": chance_baseline(train, test)}, "majority": {"vqa": majority_baseline(train, test)}}
     for name, checkpoint in (("untrained", None), ("trained", stage2 / "checkpoint_last.pth")):
-        scores, samples = caption_scores(load_demo_model(checkpoint), world)
-        result[name] = {"captions": scores, "samples": samples[:NUM_SAMPLES],
-                        "vqa": zero_shot_vqa(root, env, name, checkpoint)}
+        model = load_demo_model(checkpoint)
+        scores, samples = caption_scores(model, world)
+        scores_zh, samples_zh = caption_scores(model, world, language="zh")
+        result[name] = {"captions": scores, "samples": samples[:NUM_SAMPLES], "captions_zh": scores_zh,
+                        "samples_zh": samples_zh[:NUM_SAMPLES], "vqa": zero_shot_vqa(root, env, name, checkpoint)}
     return result
 
 
@@ -200,7 +224,10 @@ def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict
 def goals(result: dict) -> dict[str, bool]:
     """What the demo sets out to show, each true or false."""
     trained, untrained, majority = result["trained"], result["untrained"], result["majority"]
-    met = {f"caption attribute accuracy >= {ATTRIBUTE_GOAL}": trained["captions"]["attribute"] >= ATTRIBUTE_GOAL}
+    met = {f"caption attribute accuracy >= {ATTRIBUTE_GOAL}": trained["captions"]["attribute"] >= ATTRIBUTE_GOAL,
+           f"Chinese caption attribute accuracy >= {ATTRIBUTE_GOAL}, CIDEr above the untrained control's": (
+               trained["captions_zh"]["attribute"] >= ATTRIBUTE_GOAL
+               and trained["captions_zh"]["cider"] > untrained["captions_zh"]["cider"])}
     for kind in ("overall", "other"):
         met[f"VQA {kind} beats the majority baseline and the untrained control"] = (
             trained["vqa"][kind] > max(majority["vqa"][kind], untrained["vqa"][kind]))
@@ -225,8 +252,15 @@ def summary(stages: dict[str, dict], result: dict) -> str:
                          f"{captions['count_acc']:>7.3f}" if captions else f"{'':>37}")
         lines.append(f"{name:<11}{caption_cells}{vqa['yes/no']:>9.3f}{vqa['number']:>8.3f}{vqa['other']:>7.3f}"
                      f"{vqa['overall']:>9.3f}")
-    lines += ["", "sample captions (trained | truth)"]
-    lines += [f"  {generated!r:<45} | {truth!r}" for generated, truth in result["trained"]["samples"]]
+    lines += ["", "held-out test images, Chinese captions (prompt '一张图片的描述：'; CIDEr on jieba-segmented text)",
+              f"{'model':<11}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}{'count':>7}{'CIDEr':>8}"]
+    for name in ("untrained", "trained"):
+        zh = result[name]["captions_zh"]
+        lines.append(f"{name:<11}{zh['attribute']:>10.3f}{zh['colour_f1']:>10.3f}{zh['shape_f1']:>10.3f}"
+                     f"{zh['count_acc']:>7.3f}{zh['cider']:>8.3f}")
+    for key, language in (("samples", "English"), ("samples_zh", "Chinese")):
+        lines += ["", f"sample captions, {language} (trained | truth)"]
+        lines += [f"  {generated!r:<45} | {truth!r}" for generated, truth in result["trained"][key]]
     lines += ["", "goals"] + [f"  [{'x' if met else ' '}] {goal}" for goal, met in goals(result).items()]
     return "\n".join(lines)
 
