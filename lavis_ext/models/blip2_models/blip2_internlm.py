@@ -26,8 +26,9 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch.nn.utils.rnn import pad_sequence
 
 from lavis_ext import offline
-from lavis_ext.checkpoint import load_partial_state
+from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, reading_weights
 from lavis_ext.constants import IGNORE_INDEX
+from lavis_ext.errors import CheckpointError
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.text import clean_answer, english_pipeline, lemmatize
 
@@ -113,7 +114,9 @@ class Blip2InternLM(Blip2Base):
             logger.info("model.llm_dtype %s without CUDA: LLM loaded in fp32", config.llm_dtype)
             llm_dtype = torch.float32
         self.llm_tokenizer = load_internlm2_tokenizer(offline.require_dir(config.llm_path, "model.llm_path"))
-        self.llm = load_internlm2_llm(config.llm_path, torch_dtype=llm_dtype)
+        with reading_weights("model.llm_path", config.llm_path):
+            self.llm = load_internlm2_llm(config.llm_path, torch_dtype=llm_dtype)
+        check_tokenizer_fits(self.llm_tokenizer, self.llm, config.llm_path)
         self.llm_proj = nn.Linear(self.qformer.config.hidden_size, self.llm.config.hidden_size)
         self.stop_token_ids = self._stop_token_ids()
         self.set_trainable(freeze_vit=config.freeze_vit, freeze_llm=config.freeze_llm,
@@ -304,7 +307,8 @@ class Blip2InternLM(Blip2Base):
         are dropped on purpose. Every other key must fit, and only the LLM, ``llm_proj`` and
         the frozen ViT may be missing.
         """
-        state_dict = torch.load(url_or_filename, map_location="cpu", weights_only=False)["model"]
+        state_dict = model_weights(load_checkpoint_file(url_or_filename, "model.pretrained"),
+                                   "model.pretrained", url_or_filename)
         mapped = {}
         for key, value in state_dict.items():
             if key.startswith(STAGE1_UNUSED) or STAGE1_TEXT_FFN.match(key):
@@ -315,9 +319,19 @@ class Blip2InternLM(Blip2Base):
 
     def load_checkpoint(self, url_or_filename):
         """Load a ``blip2_internlm`` checkpoint; only frozen parameters may be missing."""
-        state_dict = torch.load(url_or_filename, map_location="cpu", weights_only=False)
-        load_partial_state(self, state_dict.get("model", state_dict), f"model.finetuned = {url_or_filename}")
+        state_dict = model_weights(load_checkpoint_file(url_or_filename, "model.finetuned"),
+                                   "model.finetuned", url_or_filename)
+        load_partial_state(self, state_dict, f"model.finetuned = {url_or_filename}")
         logger.info("loaded checkpoint from %s", url_or_filename)
+
+
+def check_tokenizer_fits(tokenizer, llm: nn.Module, llm_path: str) -> None:
+    """Every token id the tokenizer can produce must have a row in the LLM's input embedding
+    (otherwise the first step fails with an ``IndexError`` deep in the embedding)."""
+    rows = llm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise CheckpointError(f"model.llm_path = {llm_path}: the tokenizer has {len(tokenizer)} pieces but the "
+                              f"LLM's embedding has {rows} rows; tokenizer.model and the weights do not belong together")
 
 
 def pad_rows(rows: list[torch.Tensor], side: str, value) -> torch.Tensor:
