@@ -1,5 +1,6 @@
 """The demo's parts and a shortened demo run: stage 0 round-trips through InternLM2's hub layout,
-and stage 1 -> stage 2 through run_scripts/ teaches the model to describe held-out images."""
+and stage 1 -> stage 2 through run_scripts/ teaches the model to describe held-out images, in English
+and in Chinese."""
 from __future__ import annotations
 
 import torch
@@ -62,6 +63,9 @@ def test_short_demo_learns_captions_and_zero_shot_vqa(tmp_path, monkeypatch):
     print({name: {k: result[name][k] for k in ("captions", "vqa") if k in result[name]} for name in result})
     assert trained["attribute"] > max(0.6, untrained["attribute"] + 0.3), result
     assert trained["colour_f1"] > 0.7 and trained["shape_f1"] > untrained["shape_f1"] + 0.2, result
+    zh, zh_untrained = result["trained"]["captions_zh"], result["untrained"]["captions_zh"]  # the Chinese prompt
+    assert zh["attribute"] > max(0.6, zh_untrained["attribute"] + 0.3), result
+    assert zh["cider"] > zh_untrained["cider"] + 1.0, result
     vqa = {name: result[name]["vqa"] for name in result}
     for kind in ("overall", "other"):
         assert vqa["trained"][kind] > max(vqa["majority"][kind], vqa["untrained"][kind]) + 0.05, vqa

@@ -5,6 +5,8 @@ Text only. Each example is laid out as stage 2 lays out an image (``Blip2InternL
 as ``context``, and the loss covers ``target </s>`` only:
 
 - captioning: prompt ``""``, target the caption (the model learns to read the context out);
+- Chinese captioning: the same English caption as context (stage 2's queries do not depend on the
+  language asked for), prompt ``一张图片的描述：``, target the Chinese caption;
 - VQA: prompt ``qa_prompt.format(question)``, target the short answer.
 
 Stage 2 then keeps this LLM frozen and teaches the Q-Former to produce a context it can read.
@@ -28,6 +30,7 @@ from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.datasets.synthetic import read_world_file
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.conversion import LAYER_NAMES, TOP_LEVEL_NAMES
+from lavis_ext.text_zh import CAPTION_PROMPT_ZH
 from lavis_ext.tiny.internlm2 import make_tiny_internlm2, write_internlm2_safetensors
 
 QA_PROMPT = "Question: {} Short answer:"  # blip2_internlm's default qa_prompt
@@ -83,7 +86,7 @@ def save_internlm2_weights(model: LlamaForCausalLM, dst: str | Path) -> Path:
 
 
 def stage0_examples(world_root: str | Path, qa_prompt: str = QA_PROMPT) -> list[tuple[str, str, str]]:
-    """``(context, prompt, target)`` for every train caption and train question."""
+    """``(context, prompt, target)`` for every train caption (English and Chinese) and train question."""
     root = Path(world_root)
     captions = {}
     for record in read_world_file(root, "train.json"):
@@ -91,6 +94,8 @@ def stage0_examples(world_root: str | Path, qa_prompt: str = QA_PROMPT) -> list[
             raise ValueError(f"{root / 'train.json'}: record {record!r} lacks 'caption' or 'image_id'")
         captions[record["image_id"]] = record["caption"]
     examples = [(text, "", text) for text in captions.values()]
+    examples += [(captions[record["image_id"]], CAPTION_PROMPT_ZH, record["caption"])
+                 for record in read_world_file(root, "train_zh.json")]
     for record in read_world_file(root, "vqa_train.json"):
         examples.append((captions[record["image_id"]], qa_prompt.format(record["question"]), record["answer"][0]))
     return examples
