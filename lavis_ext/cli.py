@@ -229,13 +229,17 @@ def main(argv: list[str] | None, evaluate: bool):
             raise
         if debug:
             traceback.print_exc()
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {error_line(exc)}\n")
         sys.stderr.flush()
         if launched:  # tearing down the process group can take seconds; gone now, torchrun stops the rest
             sys.stdout.flush()
             os._exit(EXIT_BAD_INPUT)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of a bad-input error on one line (or its type's name, when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def close_distributed(runner) -> None:

@@ -46,6 +46,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_rgb_image(path: str, max_pixels: int, limit_name: str = MAX_IMAGE_PIXELS_KEY, source: str = "") -> Image.Image:
+    """Decode ``path`` as RGB (:func:`to_rgb`) if it has at most ``max_pixels`` pixels (the setting
+    ``limit_name``). A missing, too large or undecodable file raises :class:`DataError` naming it,
+    and ``source`` (where it was listed) when given."""
+    where = f" (from {source})" if source else ""
+    try:
+        with pixel_limit(max_pixels), Image.open(path) as image:
+            return to_rgb(image)
+    except FileNotFoundError as exc:
+        raise DataError(f"image file not found: {path}{where}") from exc
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(f"image {path} is larger than {limit_name} = {max_pixels}: {exc}{where}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot decode image {path}: {exc}{where}") from exc
+
+
 @contextmanager
 def pixel_limit(max_pixels: int):
     """Within the block, opening an image of more than ``max_pixels`` pixels raises PIL's
@@ -163,17 +179,7 @@ class ImageDatasetExt(BaseDataset):
         return os.path.join(self.vis_root, self.annotation[index]["image"])
 
     def load_image(self, index: int) -> Image.Image:
-        path = self.image_path(index)
-        try:
-            with pixel_limit(self.max_image_pixels), Image.open(path) as image:
-                return to_rgb(image)
-        except FileNotFoundError as exc:
-            raise DataError(f"image file not found: {path} (from {self.sources[index]})") from exc
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise DataError(f"image {path} is larger than {MAX_IMAGE_PIXELS_KEY} = {self.max_image_pixels}: {exc} "
-                            f"(from {self.sources[index]})") from exc
-        except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"cannot decode image {path}: {exc} (from {self.sources[index]})") from exc
+        return open_rgb_image(self.image_path(index), self.max_image_pixels, source=str(self.sources[index]))
 
     def __getitem__(self, index: int) -> dict:
         # A bad image is replaced by the next valid sample (deterministic), within the budget.

@@ -8,15 +8,17 @@ Registered in LAVIS as ``blip2_internlm``::
 
 The image enters the LLM once, through :meth:`Blip2InternLM.encode_images` (ViT -> Q-Former ->
 ``llm_proj``) and :meth:`Blip2InternLM.build_llm_inputs` (query embeddings, then the
-bos-prefixed prompt, then the target): ``forward``, ``generate`` and ``predict_answers`` all
-go through those two methods.
+bos-prefixed prompt, then the target): ``forward``, ``generate``, ``predict_answers`` and
+``chat`` (the chat CLI and web app, :mod:`lavis_ext.chat`, :mod:`lavis_ext.app`) all go through
+those two methods.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,16 +28,19 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch.nn.utils.rnn import pad_sequence
 
 from lavis_ext import offline
+from lavis_ext.models.blip2_models.chat_format import LLMTokens, encode_with_image
 from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, reading_weights
 from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.errors import CheckpointError
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
+from lavis_ext.models.lora import DEFAULT_TARGET_MODULES, add_lora, is_lora_parameter, lora_config
 from lavis_ext.text import clean_answer, english_pipeline, lemmatize
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models" / "blip2"
 LLM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LLM_CACHES = ("static", "dynamic")
 # LAVIS config keys that say how to load, not what to build
 LOADING_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
 # Stage-1 parts that stage 2 does not use: the ITC/ITM heads and the Q-Former's text side.
@@ -65,6 +70,12 @@ class Blip2InternLMConfig:
     freeze_vit: bool = True
     freeze_llm: bool = True
     freeze_qformer: bool = False  # for adapter/LoRA work: train only llm_proj (+ adapters)
+    freeze_llm_proj: bool = False
+    # LoRA on the LLM (PEFT; lavis_ext.models.lora); lora_rank 0 = none. Only the LLM's modules are wrapped.
+    lora_rank: int = 0  # higher: more capacity and memory
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     num_query_token: int = 32
     cross_attention_freq: int = 2
     llm_dtype: str = "bf16"  # bf16 | fp16 | fp32; fp32 on CPU
@@ -73,6 +84,9 @@ class Blip2InternLMConfig:
     qa_prompt: str = "Question: {} Short answer:"
     use_chat_template: bool = False  # wrap VQA prompts in InternLM2's chat format (chat models)
     apply_lemmatizer: bool = False  # lemmatise VQA answers with spaCy (OK-VQA, as LAVIS's blip2_t5)
+    # KV cache of generation: "static" preallocates it for prompt + max new tokens (transformers'
+    # StaticCache; faster decode steps, the same tokens), "dynamic" grows it per token
+    llm_cache: str = "static"
 
     @classmethod
     def from_lavis(cls, cfg) -> "Blip2InternLMConfig":
@@ -82,8 +96,14 @@ class Blip2InternLMConfig:
         if unknown:
             raise ValueError(f"model config: unknown keys {unknown}; blip2_internlm takes {sorted(known)}")
         config = cls(**values)
+        config.lora_target_modules = list(config.lora_target_modules)  # a ListConfig from the yaml
+        if config.llm_cache not in LLM_CACHES:
+            raise ValueError(f"model.llm_cache = {config.llm_cache!r}: expected one of {list(LLM_CACHES)}")
         if config.llm_dtype not in LLM_DTYPES:
             raise ValueError(f"model.llm_dtype = {config.llm_dtype!r}: expected one of {sorted(LLM_DTYPES)}")
+        if config.lora_rank < 0 or (config.lora_rank and not config.freeze_llm):
+            raise ValueError(f"model.lora_rank = {config.lora_rank}: expected 0 (no LoRA) or a positive rank "
+                             f"with freeze_llm True (LoRA trains adapters beside the frozen LLM)")
         return config
 
 
@@ -117,10 +137,13 @@ class Blip2InternLM(Blip2Base):
         with reading_weights("model.llm_path", config.llm_path):
             self.llm = load_internlm2_llm(config.llm_path, torch_dtype=llm_dtype)
         check_tokenizer_fits(self.llm_tokenizer, self.llm, config.llm_path)
+        if config.lora_rank:
+            self.llm = add_lora(self.llm, lora_config(config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                                      config.lora_target_modules, base_model=config.llm_path))
         self.llm_proj = nn.Linear(self.qformer.config.hidden_size, self.llm.config.hidden_size)
         self.stop_token_ids = self._stop_token_ids()
         self.set_trainable(freeze_vit=config.freeze_vit, freeze_llm=config.freeze_llm,
-                           freeze_qformer=config.freeze_qformer)
+                           freeze_qformer=config.freeze_qformer, freeze_llm_proj=config.freeze_llm_proj)
 
     @staticmethod
     def _query_only(bert: nn.Module) -> nn.Module:
@@ -143,20 +166,30 @@ class Blip2InternLM(Blip2Base):
 
     # ------------------------------------------------------------------ freezing
 
-    def set_trainable(self, *, freeze_vit: bool, freeze_llm: bool, freeze_qformer: bool) -> int:
-        """The one place that freezes parts; logs and returns the trainable parameter count."""
+    def set_trainable(self, *, freeze_vit: bool, freeze_llm: bool, freeze_qformer: bool,
+                      freeze_llm_proj: bool = False) -> int:
+        """The one place that freezes parts; logs and returns the trainable parameter count.
+
+        LoRA parameters always train; the frozen LLM around them stays in train mode then, so
+        that LoRA's dropout applies (the converted Llama has no dropout of its own).
+        """
         frozen = {"visual_encoder": freeze_vit, "llm": freeze_llm, "qformer": freeze_qformer,
-                  "query_tokens": freeze_qformer}
+                  "query_tokens": freeze_qformer, "llm_proj": freeze_llm_proj}
         for name, param in self.named_parameters():
-            param.requires_grad = not frozen.get(name.split(".", 1)[0], False)
+            param.requires_grad = is_lora_parameter(name) or not frozen.get(name.split(".", 1)[0], False)
         for name in ("visual_encoder", "llm"):
-            if frozen[name]:
+            if frozen[name] and not (name == "llm" and self.config.lora_rank):
                 module = getattr(self, name).eval()
                 module.train = disabled_train.__get__(module)
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        counts: dict[str, int] = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                part = "lora" if is_lora_parameter(name) else name.split(".", 1)[0]
+                counts[part] = counts.get(part, 0) + param.numel()
+        trainable = sum(counts.values())
         total = sum(p.numel() for p in self.parameters())
-        logger.info("blip2_internlm: %d trainable parameters of %d (frozen: %s)", trainable, total,
-                    [k for k, v in frozen.items() if v] or "none")
+        logger.info("blip2_internlm: %d trainable parameters of %d (%s; frozen: %s)", trainable, total,
+                    ", ".join(f"{k} {v}" for k, v in counts.items()), [k for k, v in frozen.items() if v] or "none")
         return trainable
 
     # ------------------------------------------------------------------ the image -> LLM path
@@ -187,30 +220,44 @@ class Blip2InternLM(Blip2Base):
 
     def build_llm_inputs(self, query_embeds: torch.Tensor, prompts: list[str], targets: list[str] | None = None,
                          padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Splice ``[queries][<s> prompt][target </s>]`` per sample and pad the batch.
+        """Splice ``[queries][<s> prompt][target </s>]`` per sample and pad the batch (:meth:`splice_llm_inputs`).
 
-        Returns ``inputs_embeds [B, T, H]``, ``attention_mask [B, T]`` and ``labels [B, T]``,
-        where labels are ``IGNORE_INDEX`` on queries, prompt tokens and padding. Targets get the
-        LLM's EOS appended so the model learns to stop; prompt+target are truncated to
-        ``max_txt_len`` tokens. Generation uses ``padding_side="left"``.
+        A prompt that contains ``<image>`` gets the queries there instead of in front
+        (``<s><|im_start|>user\n[queries]\n{question}...``, as instruction tuning lays them out).
+        Targets get the LLM's EOS appended so the model learns to stop; prompt+target are
+        truncated to ``max_txt_len`` tokens. Generation uses ``padding_side="left"``.
         """
         tok = self.llm_tokenizer
-        embed = self.llm.get_input_embeddings()
-        device = query_embeds.device
-        n_query = query_embeds.shape[1]
-        rows, masks, labels = [], [], []
+        rows = []
         for i, prompt in enumerate(prompts):
-            prompt_ids = tok.encode(prompt, add_special_tokens=True)
+            prompt_ids, image_position = encode_with_image(tok, prompt, add_bos=True)
             target_ids = [] if targets is None else tok.encode(targets[i], add_special_tokens=False) + [tok.eos_token_id]
             if targets is not None:
                 budget = max(self.config.max_txt_len - len(prompt_ids), 1)
                 target_ids = target_ids[:budget]
-            ids = torch.tensor(prompt_ids + target_ids, dtype=torch.long, device=device)
-            rows.append(torch.cat([query_embeds[i], embed(ids)]))
-            masks.append(torch.ones(n_query + len(ids), dtype=torch.long, device=device))
-            labels.append(torch.tensor([IGNORE_INDEX] * (n_query + len(prompt_ids)) + target_ids,
+            rows.append(LLMTokens(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, image_position))
+        return self.splice_llm_inputs(query_embeds, rows, padding_side)
+
+    def splice_llm_inputs(self, query_embeds: torch.Tensor, rows: list[LLMTokens],
+                          padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one splice of image and text: per sample, the text's token embeddings with the
+        ``num_query_token`` query embeddings inserted before ``input_ids[image_position]``.
+
+        Returns ``inputs_embeds [B, T, H]``, ``attention_mask [B, T]`` and ``labels [B, T]``,
+        where labels are ``IGNORE_INDEX`` on the queries, on every unsupervised token and on padding.
+        """
+        embed = self.llm.get_input_embeddings()
+        device = query_embeds.device
+        n_query = query_embeds.shape[1]
+        embeds, masks, labels = [], [], []
+        for query, row in zip(query_embeds, rows, strict=True):
+            at = row.image_position
+            text = embed(torch.tensor(row.input_ids, dtype=torch.long, device=device))
+            embeds.append(torch.cat([text[:at], query, text[at:]]))
+            masks.append(torch.ones(n_query + len(row.input_ids), dtype=torch.long, device=device))
+            labels.append(torch.tensor(row.labels[:at] + [IGNORE_INDEX] * n_query + row.labels[at:],
                                        dtype=torch.long, device=device))
-        return (pad_rows(rows, padding_side, 0.0), pad_rows(masks, padding_side, 0),
+        return (pad_rows(embeds, padding_side, 0.0), pad_rows(masks, padding_side, 0),
                 pad_rows(labels, padding_side, IGNORE_INDEX))
 
     def _prompts(self, samples: dict, default: str) -> list[str]:
@@ -224,10 +271,17 @@ class Blip2InternLM(Blip2Base):
     # ------------------------------------------------------------------ training
 
     def forward(self, samples: dict) -> dict:
-        """Captioning loss: ``samples["image"]``, ``samples["text_input"]`` (targets), optional ``prompt``."""
+        """Language-modelling loss of ``samples["image"]`` with either captions (``text_input``, the
+        targets, and an optional ``prompt``) or encoded conversations (``input_ids``, ``labels``,
+        ``image_position``, as :mod:`lavis_ext.datasets.conversation` gives them)."""
         query_embeds = self.encode_images(samples["image"])
-        inputs_embeds, attention_mask, labels = self.build_llm_inputs(
-            query_embeds, self._prompts(samples, self.config.prompt), list(samples["text_input"]))
+        if "input_ids" in samples:
+            rows = [LLMTokens(list(ids), list(labels), int(at)) for ids, labels, at
+                    in zip(samples["input_ids"], samples["labels"], samples["image_position"], strict=True)]
+            inputs_embeds, attention_mask, labels = self.splice_llm_inputs(query_embeds, rows)
+        else:
+            inputs_embeds, attention_mask, labels = self.build_llm_inputs(
+                query_embeds, self._prompts(samples, self.config.prompt), list(samples["text_input"]))
         hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                         use_cache=False).last_hidden_state
         # The loss is computed here, not by the LLM: position t predicts labels[t + 1], and the LM
@@ -259,19 +313,68 @@ class Blip2InternLM(Blip2Base):
         else:
             generate_kwargs.pop("top_p", None)
             generate_kwargs.pop("temperature", None)
+        if self.config.llm_cache == "static":
+            generate_kwargs["cache_implementation"] = "static"
         outputs = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                     eos_token_id=self.stop_token_ids, pad_token_id=self.llm_tokenizer.pad_token_id,
                                     **generate_kwargs)
-        texts = self.llm_tokenizer.batch_decode(outputs, skip_special_tokens=True)
-        return [clean_answer(t) for t in texts]
+        return [self.decode_answer(row) for row in outputs.tolist()]
+
+    def decode_answer(self, ids: list[int]) -> str:
+        """The answer text of generated ids: up to the first stop token, decoded, cleaned."""
+        return clean_answer(self.llm_tokenizer.decode(self._cut_at_stop(ids), skip_special_tokens=True))
+
+    def _cut_at_stop(self, ids: list[int]) -> list[int]:
+        """Generated ids up to (without) the first stop token: what follows it is padding."""
+        stops = [i for i, token_id in enumerate(ids) if token_id in self.stop_token_ids]
+        return ids[:stops[0]] if stops else ids
 
     def format_question(self, question: str, template: str) -> str:
         """``template.format(question)``, wrapped in the chat format when ``use_chat_template``."""
-        text = template.format(question)
+        return self.chat_prompt([], question, template)
+
+    def chat_prompt(self, history: Sequence[tuple[str, str]], question: str, template: str) -> str:
+        """The prompt of a conversation: earlier ``(question, answer)`` turns, then ``question``,
+        each question as ``template.format(question)``.
+
+        With ``use_chat_template``, InternLM2's chat format ending in the generation prompt (without
+        the bos: :meth:`build_llm_inputs` adds it); otherwise the turns joined by spaces, as BLIP-2
+        prompts a base LLM for visual conversation (``Question: q1 Short answer: a1 Question: q2 ...``).
+        """
+        turns = [*history, (question, None)]
         if not self.config.use_chat_template:
-            return text
-        chat = self.llm_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return chat.removeprefix(self.llm_tokenizer.bos_token)  # build_llm_inputs adds the bos
+            return " ".join(template.format(q) + ("" if a is None else f" {a}") for q, a in turns)
+        messages = []
+        for q, a in turns:
+            messages.append({"role": "user", "content": template.format(q)})
+            if a is not None:
+                messages.append({"role": "assistant", "content": a})
+        chat = self.llm_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return chat.removeprefix(self.llm_tokenizer.bos_token)
+
+    @torch.no_grad()
+    def chat(self, image: torch.Tensor | None, history: Sequence[tuple[str, str]], question: str, *,
+             template: str | None = None, num_beams: int = 5, max_new_tokens: int = 30, min_new_tokens: int = 1,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 0.9, length_penalty: float = 1.0,
+             repetition_penalty: float = 1.0, streamer=None) -> str:
+        """The answer to ``question`` after the ``history`` of ``(question, answer)`` turns, about
+        ``image`` (one processed image, ``[3, H, W]`` or ``[1, 3, H, W]``), or text only when ``None``.
+
+        Questions go into ``template`` (default ``qa_prompt``), so a first question is prompted as
+        :meth:`predict_answers` prompts it (:meth:`chat_prompt`). ``streamer`` (a transformers
+        streamer) receives the generated ids as they come; transformers refuses it with beam search.
+        The answer stops at :attr:`stop_token_ids` and comes back without them (:meth:`decode_answer`).
+        """
+        if image is None:  # no query embeddings: the LLM sees the text alone
+            query_embeds = torch.zeros(1, 0, self.llm.config.hidden_size, dtype=self.llm.dtype, device=self.device)
+        else:
+            query_embeds = self.encode_images(image.reshape(1, *image.shape[-3:]).to(self.device))
+        prompt = self.chat_prompt(history, question, self.config.qa_prompt if template is None else template)
+        (answer,) = self._generate_from(
+            query_embeds, [prompt], num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty, streamer=streamer)
+        return answer
 
     @torch.no_grad()
     def predict_answers(self, samples: dict, num_beams: int = 5, inference_method: str = "generate",
@@ -301,7 +404,8 @@ class Blip2InternLM(Blip2Base):
         return model
 
     def load_from_pretrained(self, url_or_filename):
-        """Load a stage-1 checkpoint (LAVIS ``blip2`` or ``blip2_qformer_ext``) into stage 2.
+        """Load a stage-1 checkpoint (LAVIS ``blip2`` or ``blip2_qformer_ext``) into stage 2, or a
+        stage-2 checkpoint into stage 3 (its LoRA weights, under ``llm.``, start as initialised).
 
         ``Qformer.bert.*`` becomes ``qformer.*``; the ITC/ITM heads and the Q-Former's text side
         are dropped on purpose. Every other key must fit, and only the LLM, ``llm_proj`` and
