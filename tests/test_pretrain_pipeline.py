@@ -75,6 +75,6 @@ def test_scripts_launch_together_beside_a_job_on_the_usual_port():
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in scripts]
         results = [(script.name, launch.communicate(timeout=300), launch.returncode)
                    for script, launch in zip(scripts, launches)]
-    assert len(results) == 6
+    assert {"pretrain_stage1.sh", "pretrain_stage2_internlm.sh"} <= {name for name, _, _ in results}
     for name, (stdout, stderr), returncode in results:
         assert returncode == 0 and "--cfg-path" in stdout, f"{name}:\n{stderr[-3000:]}"
