@@ -7,9 +7,15 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lavis_ext_installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean-venv
+.PHONY: venv chromium test demo app clean-venv
 
-venv: $(STAMP)
+venv: $(STAMP) chromium
+
+# the browser test drives Debian's chromium (playwright's own browser download is unreachable here)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 $(STAMP): setup.py requirements.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +25,7 @@ $(STAMP): setup.py requirements.txt constraints.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+test: venv
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS) tests
 
 clean-venv:
@@ -27,3 +33,7 @@ clean-venv:
 
 demo: $(STAMP)
 	$(PY) -m lavis_ext.demo
+
+# the chat web app on the model `make demo` trained (APP_ARGS: e.g. --cfg-path ... --checkpoint ...)
+app: $(STAMP)
+	$(PY) -m lavis_ext.app $(APP_ARGS)
