@@ -46,7 +46,7 @@ import webdataset as wds
 from lavis.common.dist_utils import get_rank, get_world_size
 from omegaconf import ListConfig
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from lavis_ext.datasets.base import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_KEY, DataError, ImageDatasetExt,
                                      pixel_limit, to_rgb)
@@ -102,7 +102,7 @@ def count_shard_samples(shards: list[Path], key: str) -> int:
     for shard in shards:
         stats = shard.with_name(shard.stem + STATS_SUFFIX)
         if not stats.is_file():
-            raise DataError(f"{key} is not set and {stats} does not exist: give the number of samples per epoch")
+            raise DataError(f"{key} is 0 and {stats} does not exist: give the number of samples per epoch")
         try:
             total += int(json.loads(stats.read_text())["successes"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -116,8 +116,12 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
-class WebDatasetCaptions(IterableDataset):
+class WebDatasetCaptions(wds.DataPipeline):
     """Image-caption samples ``{"image", "text_input", "image_id", "key"}`` from img2dataset shards.
+
+    A ``wds.DataPipeline`` (an ``IterableDataset``), so that LAVIS's ``concat_datasets``
+    (``lavis/datasets/data_utils.py:144``) chains it as a webdataset instead of refusing it as
+    a generic iterable dataset (``:151``).
 
     Args:
         vis_processor, text_processor: LAVIS processors.
@@ -146,6 +150,7 @@ class WebDatasetCaptions(IterableDataset):
         if samples_per_epoch < 1 or shuffle_buffer < 1:
             raise ValueError(f"{name}: samples_per_epoch ({samples_per_epoch}) and shuffle_buffer ({shuffle_buffer}) "
                              f"must be positive")
+        super().__init__()
         self.vis_processor, self.text_processor = vis_processor, text_processor
         self.shards = [str(s) for s in shards]
         self.samples_per_epoch, self.shuffle_buffer, self.seed = samples_per_epoch, shuffle_buffer, seed
@@ -281,7 +286,7 @@ class WebDatasetCaptionBuilder(OfflineBuilderExt):
 
     ``build_info.shards.storage``: a directory (its ``*.tar``), a brace pattern
     (``/data/laion/{00000..00099}.tar``) or a list of either; relative paths are joined to
-    cache_root. ``samples_per_epoch`` (default: the shards' ``_stats.json`` total),
+    cache_root. ``samples_per_epoch`` (0, the default: the shards' ``_stats.json`` total),
     ``shuffle_buffer``, ``seed`` and ``max_bad_sample_fraction`` go to the dataset.
     """
 
@@ -319,7 +324,7 @@ class WebDatasetCaptionBuilder(OfflineBuilderExt):
             raise ValueError(f"{self.key('vis_processor.train')} and {self.key('text_processor.train')} must be set")
         shards = self.shard_paths()
         options = {k: self.config[k] for k in self.DATASET_KEYS if self.config.get(k) is not None}
-        if "samples_per_epoch" not in options:
+        if not options.get("samples_per_epoch"):
             options["samples_per_epoch"] = count_shard_samples(shards, self.key("samples_per_epoch"))
         dataset = WebDatasetCaptions(self.vis_processors["train"], self.text_processors["train"],
                                      [str(s) for s in shards], name=f"{self.NAME}/train", **options)
