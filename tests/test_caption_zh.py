@@ -123,23 +123,6 @@ def test_unknown_segmenter_is_refused():
         CaptionTaskExt.setup_task(cfg=cfg)
 
 
-class PromptEcho:
-    """A stand-in model that wraps prompts as a chat model does and returns each prompt as its caption."""
-
-    def format_question(self, question, template):
-        return f"<|im_start|>user\n{template.format(question)}<|im_end|>\n<|im_start|>assistant\n"
-
-    def generate(self, samples, **kwargs):
-        return list(samples["prompt"])
-
-
-def test_dataset_prompt_goes_through_the_chat_format():
-    task = CaptionTaskExt(num_beams=1, max_len=5, min_len=1, evaluate=True)
-    task.extra_generate_kwargs = {}
-    rows = task.valid_step(PromptEcho(), {"image_id": ["a"], "prompt": [CAPTION_PROMPT_ZH]})
-    assert rows == [{"image_id": "a", "caption": f"<|im_start|>user\n{CAPTION_PROMPT_ZH}<|im_end|>\n<|im_start|>assistant\n"}]
-
-
 # --------------------------------------------------------------------------- builders on the official layouts
 
 PROCESSORS = {"vis_processor": {m: {"name": "blip_image_eval", "image_size": 32} for m in ("train", "eval")},

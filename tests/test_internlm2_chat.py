@@ -10,6 +10,7 @@ import pytest
 import torch
 from lavis.models import load_model
 
+from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.tiny.internlm2 import make_tiny_internlm2
 
 
@@ -84,3 +85,18 @@ def test_base_model_does_not_stop_at_im_end(tiny_model_env):
     finally:
         handle.remove()
     assert calls["n"] == 5
+
+
+def test_caption_prompts_and_targets_are_chat_turns(chat_model):
+    """A chat model captions inside the chat template, and learns to end a caption with <|im_end|>."""
+    tokenizer = chat_model.llm_tokenizer
+    samples = {"image": torch.randn(2, 3, 224, 224), "text_input": ["a red circle", "一只猫"],
+               "prompt": ["", "一张图片的描述："]}
+    prompts = chat_model._prompts(samples, chat_model.config.prompt)
+    assert prompts == ["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n",
+                       "<|im_start|>user\n一张图片的描述：<|im_end|>\n<|im_start|>assistant\n"]
+    _, _, labels = chat_model.build_llm_inputs(chat_model.encode_images(samples["image"]), prompts,
+                                               samples["text_input"])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, target in zip(labels.tolist(), samples["text_input"]):
+        assert [t for t in row if t != IGNORE_INDEX] == tokenizer.encode(target, add_special_tokens=False) + [im_end]

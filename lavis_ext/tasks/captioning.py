@@ -15,8 +15,8 @@ What differs from ``lavis/tasks/captioning.py``:
 - ``run.segmenter`` (``jieba`` or ``char``) scores Chinese captions: both sides are segmented by
   :func:`lavis_ext.text_zh.tokenize_for_metrics` instead of the PTB tokenizer, METEOR is left
   out (English-only), and the metrics name the segmenter. Without it, English as above.
-- A sample's own ``prompt`` (the Chinese caption sets supply one) goes through the model's chat
-  format (``format_question``) before generation, which wraps it only for chat models.
+- A sample's own ``prompt`` (the Chinese caption sets supply one) is handed to the model, which
+  wraps it in the chat format for chat models.
 """
 from __future__ import annotations
 
@@ -89,8 +89,6 @@ class CaptionTaskExt(EvalTaskMixin, CaptionTask):
         return task
 
     def valid_step(self, model, samples):
-        if "prompt" in samples and hasattr(model, "format_question"):
-            samples = {**samples, "prompt": [model.format_question(p, "{}") for p in samples["prompt"]]}
         captions = model.generate(samples, use_nucleus_sampling=False, num_beams=self.num_beams,
                                   max_length=self.max_len, min_length=self.min_len, **self.extra_generate_kwargs)
         return [{"image_id": i, "caption": c} for i, c in zip(samples["image_id"], captions)]

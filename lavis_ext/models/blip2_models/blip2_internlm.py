@@ -33,6 +33,7 @@ from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model
 from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.errors import CheckpointError
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
+from lavis_ext.models.internlm2.tokenizer import IM_END
 from lavis_ext.models.lora import DEFAULT_TARGET_MODULES, add_lora, is_lora_parameter, lora_config
 from lavis_ext.text import clean_answer, english_pipeline, lemmatize
 
@@ -224,14 +225,17 @@ class Blip2InternLM(Blip2Base):
 
         A prompt that contains ``<image>`` gets the queries there instead of in front
         (``<s><|im_start|>user\n[queries]\n{question}...``, as instruction tuning lays them out).
-        Targets get the LLM's EOS appended so the model learns to stop; prompt+target are
-        truncated to ``max_txt_len`` tokens. Generation uses ``padding_side="left"``.
+        Targets get the end of a turn appended so the model learns to stop: ``<|im_end|>`` with
+        ``use_chat_template`` (the chat format's turn end, as instruction tuning supervises it),
+        else the LLM's EOS; prompt+target are truncated to ``max_txt_len`` tokens. Generation uses
+        ``padding_side="left"``.
         """
         tok = self.llm_tokenizer
+        target_end = tok.convert_tokens_to_ids(IM_END) if self.config.use_chat_template else tok.eos_token_id
         rows = []
         for i, prompt in enumerate(prompts):
             prompt_ids, image_position = encode_with_image(tok, prompt, add_bos=True)
-            target_ids = [] if targets is None else tok.encode(targets[i], add_special_tokens=False) + [tok.eos_token_id]
+            target_ids = [] if targets is None else tok.encode(targets[i], add_special_tokens=False) + [target_end]
             if targets is not None:
                 budget = max(self.config.max_txt_len - len(prompt_ids), 1)
                 target_ids = target_ids[:budget]
@@ -261,12 +265,14 @@ class Blip2InternLM(Blip2Base):
                 pad_rows(labels, padding_side, IGNORE_INDEX))
 
     def _prompts(self, samples: dict, default: str) -> list[str]:
+        """Caption prompts, one per image: ``samples["prompt"]`` (a dataset's own) or ``default``,
+        in the chat format for chat models (:meth:`format_question`), in training and generation alike."""
         batch = samples["image"].shape[0]
         prompts = samples.get("prompt", default)
         prompts = [prompts] * batch if isinstance(prompts, str) else list(prompts)
         if len(prompts) != batch:
             raise ValueError(f"samples['prompt'] has {len(prompts)} prompts for {batch} images")
-        return prompts
+        return [self.format_question(prompt, "{}") for prompt in prompts]
 
     # ------------------------------------------------------------------ training
 
