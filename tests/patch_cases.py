@@ -73,13 +73,26 @@ def case_offline_build():
     assert model.Qformer.config.hidden_size == 32 and model.visual_encoder.num_features == 32
 
 
+def tiny_base_model():
+    """A LAVIS BaseModel with one layer; stage-1 loading as Blip2Base does it (blip2.py: load_from_pretrained)."""
+    from lavis.models.base_model import BaseModel
+
+    class Tiny(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 1)
+
+        def load_from_pretrained(self, url_or_filename):
+            return self.load_checkpoint(url_or_filename)
+
+    return Tiny()
+
+
 def case_empty_pretrained():
     import lavis_ext  # noqa: F401
-    from lavis.models.base_model import BaseModel
     from omegaconf import OmegaConf
 
-    assert BaseModel.load_checkpoint_from_config(torch.nn.Linear(1, 1), OmegaConf.create(
-        {"load_finetuned": False, "pretrained": ""})) is None
+    assert tiny_base_model().load_checkpoint_from_config(OmegaConf.create({"load_finetuned": False, "pretrained": ""})) is None
 
 
 def case_cache_root():
@@ -90,11 +103,15 @@ def case_cache_root():
 
 
 def case_fp16_vit_on_cpu():
+    """vit_precision fp16 trains: on CPU with a fp32 ViT (the patch), on CUDA with fp16 weights (as upstream)."""
     import lavis_ext  # noqa: F401
 
     one_process_group()
-    model = tiny_blip2(vit_precision="fp16")
-    model(batch()).loss.backward()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_blip2(vit_precision="fp16").to(device)
+    model({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch().items()}).loss.backward()
+    expected = torch.float16 if device == "cuda" else torch.float32
+    assert model.visual_encoder.patch_embed.proj.weight.dtype == expected
 
 
 def case_forward_without_process_group():
@@ -118,7 +135,7 @@ def case_dist_init_cpu():
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     args = Namespace(dist_url="env://")
     init_distributed_mode(args)
-    assert args.distributed and dist.get_backend() == "gloo"
+    assert args.distributed and dist.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def case_prefetch_loader():
@@ -150,7 +167,7 @@ def case_model_type_option():
 
     args = argparse.Namespace(cfg_path="lavis_ext/projects/blip2/train/pretrain_stage2_internlm2_1_8b.yaml",
                               options=["model.model_type=pretrain_internlm2_chat_1_8b"])
-    assert Config(args).model_cfg.use_chat_template is True
+    assert Config(args).model_cfg.use_chat_template is True, "--options model.model_type=... was ignored"
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

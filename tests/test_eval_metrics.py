@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from lavis_ext.datasets.vqa import write_vqa_files
+from lavis_ext.datasets.vqa import most_common_answer, write_vqa_files
 from lavis_ext.tasks.captioning import score_captions
 from lavis_ext.tasks.common import gather_unique
 from lavis_ext.tasks.vqa import GQATaskExt, normalize_answer, score_vqa
+from lavis_ext.text import clean_answer
 
 
 def soft_accuracy(matching: int) -> float:
@@ -144,3 +145,26 @@ def test_vqa_task_passes_generation_settings_from_the_run_config():
     assert rows == [{"question_id": "a", "answer": "yes"}, {"question_id": "b", "answer": "yes"}]
     assert {k: model.kwargs[k] for k in ("num_beams", "max_len", "min_len", "length_penalty", "prompt")} == \
         {"num_beams": 3, "max_len": 7, "min_len": 2, "length_penalty": -1.0, "prompt": "Q: {} A:"}
+
+
+@pytest.mark.parametrize("raw,stops,expected", [
+    (" Two apples.<|im_end|>", ["<|im_end|>"], "Two apples"),  # the stop string, then the final period
+    ("yes\nQuestion: is it red?", [], "yes"),  # a newline always ends the answer
+    ("  blue \t", [], "blue"),
+    ("St. Louis", [], "St. Louis"),  # only a final period goes
+    ("3.5.", [], "3.5"),
+    ("wait ...", [], "wait .."),  # one period, then the whitespace before it
+    ("red</s>blue<|im_end|>", ["<|im_end|>", "", "</s>"], "red"),  # empty stop strings are ignored
+    ("", ["</s>"], ""),
+])
+def test_clean_answer(raw, stops, expected):
+    assert clean_answer(raw, stops) == expected
+
+
+@pytest.mark.parametrize("answers,expected", [
+    (["two", "2", "2", "two", "3"], "two"),  # a tie: the first given, as VQAv2's multiple_choice_answer
+    (["no", "yes", "yes"], "yes"),
+    (["red"], "red"),
+])
+def test_most_common_answer(answers, expected):
+    assert most_common_answer(answers) == expected
