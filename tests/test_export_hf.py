@@ -168,7 +168,8 @@ def test_weights_are_renamed_and_lora_merged(exported):
 def test_model_card(exported):
     card = (exported["out"] / "README.md").read_text()
     assert "Blip2ForConditionalGeneration.from_pretrained" in card and "Blip2Processor.from_pretrained" in card
-    assert "checkpoint_2.pth" in card and "coco_caption_ext" in card and "3 epochs" in card
+    assert "checkpoint_2.pth" in card and "coco_caption_ext" in card and "epochs: `3`" in card
+    assert 'from_pretrained("hf"' in card  # the export's own name
     assert ("apply_chat_template" in card) == (exported["variant"] == "chat_lora")
     assert (f"LoRA rank {LORA_RANK}" in card) == (exported["variant"] == "chat_lora")
 

@@ -85,7 +85,11 @@ RENAMES = (
 )
 # EVA keeps q and v biases apart (k has none); HF's qkv.bias holds [q, 0, v].
 QV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias")
-DROPPED = ("qformer.embeddings.position_ids",)  # a buffer of the text side, which HF's query-only Q-Former lacks
+DROPPED = ("qformer.embeddings.position_ids",)
+# what the model card tells of the training run: (label, run config key)
+CARD_RUN_KEYS = (("task", "task"), ("epochs", "max_epoch"), ("batch size per device", "batch_size_train"),
+                 ("gradient accumulation", "accum_grad_iters"), ("learning rate", "init_lr"), ("schedule", "lr_sched"),
+                 ("weight decay", "weight_decay"), ("mixed precision", "amp"))  # a buffer of the text side, which HF's query-only Q-Former lacks
 
 # Strings whose ids must be the same from both tokenizers: English, Chinese, spaces, special
 # tokens in text, bytes outside the vocabulary; then conversations through the chat template.
@@ -112,8 +116,9 @@ CHAT_PROBES = (
 
 
 def model_config(cfg_path: str, options: list[str]):
-    """The yaml's model config with ``--options model.<key>=value`` applied (only model keys)."""
-    known = {f.name for f in fields(Blip2InternLMConfig)} | {"model_type"}
+    """The yaml's model config with ``--options model.<key>=value`` applied: keys of
+    ``Blip2InternLMConfig``, the model type, and the stage-1/2 weights loaded before the checkpoint."""
+    known = {f.name for f in fields(Blip2InternLMConfig)} | {"model_type", "pretrained", "load_pretrained"}
     for option in options:
         key = option.split("=", 1)[0]
         if "=" not in option or not key.startswith("model.") or key[len("model."):] not in known:
@@ -356,36 +361,35 @@ def eval_image_processor(model: Blip2InternLM, cfg):
 # --------------------------------------------------------------------------- model card
 
 
-def model_card(model: Blip2InternLM, training_config: dict, checkpoint: str) -> str:
+def model_card(model: Blip2InternLM, training_config: dict, checkpoint: str, name: str) -> str:
+    """``README.md`` of the export ``name``: what it is, how it was trained (the checkpoint's
+    ``run``/``datasets`` config and the model's freezing and LoRA), the prompt format and a code sample."""
     cfg = model.config
     n = cfg.num_query_token
     run = training_config.get("run", {})
-    datasets = sorted(training_config.get("datasets", {}))
-    trained = [f"- checkpoint: `{Path(checkpoint).name}`"]
-    if run:
-        trained += [f"- task `{run.get('task')}`, datasets {', '.join(f'`{d}`' for d in datasets) or 'not recorded'}",
-                    f"- {run.get('max_epoch')} epochs, batch {run.get('batch_size_train')} per device, lr "
-                    f"{run.get('init_lr')} ({run.get('lr_sched')}), weight decay {run.get('weight_decay')}, "
-                    f"amp {run.get('amp')}"]
-    else:
+    trained = [f"- checkpoint `{Path(checkpoint).name}`"]
+    if training_config.get("datasets"):
+        trained.append(f"- datasets: {', '.join(f'`{d}`' for d in sorted(training_config['datasets']))}")
+    trained += [f"- {label}: `{run[key]}`" for label, key in CARD_RUN_KEYS if key in run]
+    if not run:
         trained.append("- the checkpoint records no training config")
-    frozen = [name for name, flag in (("ViT", cfg.freeze_vit), ("LLM", cfg.freeze_llm), ("Q-Former", cfg.freeze_qformer))
+    frozen = [part for part, flag in (("ViT", cfg.freeze_vit), ("LLM", cfg.freeze_llm), ("Q-Former", cfg.freeze_qformer))
               if flag]
-    trained.append(f"- frozen: {', '.join(frozen) or 'nothing'}"
-                   + (f"; LoRA rank {cfg.lora_rank} (alpha {cfg.lora_alpha}) on {', '.join(cfg.lora_target_modules)}, "
-                      f"merged into the LLM's weights" if cfg.lora_rank else ""))
+    trained.append(f"- frozen: {', '.join(frozen) or 'nothing'}")
+    if cfg.lora_rank:
+        trained.append(f"- LoRA rank {cfg.lora_rank} (alpha {cfg.lora_alpha}) on {', '.join(cfg.lora_target_modules)}, "
+                       f"merged into the LLM's weights")
+    question = cfg.qa_prompt.format("What is in the image?")
+    captions = f"Captions follow the prompt {cfg.prompt!r}; questions are asked as `{cfg.qa_prompt}`"
     if cfg.use_chat_template:
-        prompt = (f"Questions in InternLM2's chat template (`processor.tokenizer.apply_chat_template`, which writes "
-                  f"the bos itself, hence `add_special_tokens=False`), the question as `{cfg.qa_prompt}`; answers "
-                  f"end at `<|im_end|>`.")
+        prompt = (f"{captions}; both as a user turn in InternLM2's chat template (`processor.tokenizer.apply_chat_template`, which "
+                  f"writes the bos itself, hence `add_special_tokens=False`); answers end at `<|im_end|>`.")
         vqa = ('text = processor.tokenizer.apply_chat_template(\n'
-               f'    [{{"role": "user", "content": {cfg.qa_prompt!r}.format("What is in the image?")}}],\n'
-               '    add_generation_prompt=True, tokenize=False)\n'
+               f'    [{{"role": "user", "content": {question!r}}}], add_generation_prompt=True, tokenize=False)\n'
                'inputs = processor(images=image, text=text, add_special_tokens=False, return_tensors="pt")')
     else:
-        prompt = f"Captions from the prompt `{cfg.prompt!r}`; questions as `{cfg.qa_prompt}`."
-        vqa = (f'text = {cfg.qa_prompt!r}.format("What is in the image?")\n'
-               'inputs = processor(images=image, text=text, return_tensors="pt")')
+        prompt = f"{captions}."
+        vqa = f'inputs = processor(images=image, text={question!r}, return_tensors="pt")'
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -410,8 +414,8 @@ import torch
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-model = Blip2ForConditionalGeneration.from_pretrained("DIR", dtype=torch.float32)
-processor = Blip2Processor.from_pretrained("DIR")
+model = Blip2ForConditionalGeneration.from_pretrained("{name}", dtype=torch.float32)
+processor = Blip2Processor.from_pretrained("{name}")
 image = Image.open("photo.jpg").convert("RGB")
 {vqa}
 out = model.generate(**inputs, num_beams=1, max_new_tokens=30)
@@ -473,7 +477,8 @@ def export(model: Blip2InternLM, out: Path, training_config: dict, checkpoint: s
         config.save_pretrained(staging)
         generation_config(model).save_pretrained(staging)
         save_torch_state_dict(state_dict, staging)
-        (staging / "README.md").write_text(model_card(model, training_config, checkpoint), encoding="utf-8")
+        (staging / "README.md").write_text(model_card(model, training_config, checkpoint, out.name),
+                                            encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -560,10 +565,13 @@ def verify_cases(model: Blip2InternLM, export_dir: Path, image_files: list[Path]
         "export_dir": str(export_dir),
         "images": [str(p) for p in image_files],
         "logit_cases": logit_cases,
-        "caption": {"prompt": cfg.prompt, "max_new_tokens": 8},
-        "vqa": {"questions": [[0, "what colour is it?"], [1, "how many squares are there in the picture?"],
+        # as Blip2InternLM lays them out: captions after model.prompt, questions in model.qa_prompt,
+        # both inside the chat template for chat models
+        "captions": {"items": [[i, cfg.prompt] for i in range(len(image_files))], "template": "{}",
+                     "chat": cfg.use_chat_template, "max_new_tokens": 8},
+        "answers": {"items": [[0, "what colour is it?"], [1, "how many squares are there in the picture?"],
                               [2, "是什么？"]],
-                "template": cfg.qa_prompt, "chat": cfg.use_chat_template, "max_new_tokens": 6},
+                    "template": cfg.qa_prompt, "chat": cfg.use_chat_template, "max_new_tokens": 6},
         "token_probes": token_probes(),
     }
 
@@ -585,11 +593,12 @@ def lavis_reference(model: Blip2InternLM, cases: dict, lavis_processor, eps: flo
         model.ln_vision.eps = saved_eps
     if eps is not None:
         return {"logits": logits}
-    caption, vqa = cases["caption"], cases["vqa"]
-    captions = model.generate({"image": torch.stack(images), "prompt": caption["prompt"]}, num_beams=1,
-                              max_length=caption["max_new_tokens"], min_length=1)
-    answers = model.predict_answers({"image": torch.stack([images[i] for i, _ in vqa["questions"]]),
-                                     "text_input": [q for _, q in vqa["questions"]]},
+    caption, vqa = cases["captions"], cases["answers"]
+    captions = model.generate({"image": torch.stack([images[i] for i, _ in caption["items"]]),
+                               "prompt": [text for _, text in caption["items"]]},
+                              num_beams=1, max_length=caption["max_new_tokens"], min_length=1)
+    answers = model.predict_answers({"image": torch.stack([images[i] for i, _ in vqa["items"]]),
+                                     "text_input": [text for _, text in vqa["items"]]},
                                     num_beams=1, max_len=vqa["max_new_tokens"], min_len=1, prompt=vqa["template"])
     return {"pixels": images, "logits": logits, "captions": captions, "answers": answers}
 

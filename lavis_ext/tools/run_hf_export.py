@@ -14,7 +14,8 @@ only, as a user of the published directory would, and writes what they would get
 
 CASES.json (written by ``export_hf``) holds the export directory, image files, logits cases
 (``layout: "front"``: the processor prepends the image tokens; ``"inline"``: the text holds
-``<image>`` where the image goes), the caption and VQA settings and the tokenizer probes.
+``<image>`` where the image goes), captions and answers to generate (``items``: image and text,
+put into ``template``, then into the chat template when ``chat``) and the tokenizer probes.
 """
 from __future__ import annotations
 
@@ -83,16 +84,15 @@ def main(cases_file: str, results_dir: str) -> None:
     save_file(tensors, str(out / "tensors.safetensors"))
 
     tokenizer.padding_side = "left"
-    caption = cases["caption"]
-    captions = greedy(model, processor, images, [caption["prompt"]] * len(images), caption["max_new_tokens"],
-                      add_special_tokens=True)
-    vqa = cases["vqa"]
-    questions = [vqa["template"].format(q) for _, q in vqa["questions"]]
-    if vqa["chat"]:  # the chat template starts with the bos token itself
-        questions = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                   tokenize=False) for q in questions]
-    answers = greedy(model, processor, [images[i] for i, _ in vqa["questions"]], questions, vqa["max_new_tokens"],
-                     add_special_tokens=not vqa["chat"])
+    generated = {}
+    for kind in ("captions", "answers"):
+        spec = cases[kind]
+        prompts = [spec["template"].format(text) for _, text in spec["items"]]
+        if spec["chat"]:  # the chat template starts with the bos token itself
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                     tokenize=False) for p in prompts]
+        generated[kind] = greedy(model, processor, [images[i] for i, _ in spec["items"]], prompts,
+                                 spec["max_new_tokens"], add_special_tokens=not spec["chat"])
 
     token_ids = []
     for probe in cases["token_probes"]:
@@ -104,8 +104,7 @@ def main(cases_file: str, results_dir: str) -> None:
     results = {
         "token_ids": token_ids,
         "decoded": [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids],
-        "captions": captions,
-        "answers": answers,
+        **generated,
         "imported": sorted(name for name in ("lavis_ext", "lavis") if name in sys.modules),
     }
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False), encoding="utf-8")
