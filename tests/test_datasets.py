@@ -16,10 +16,9 @@ from lavis.common.registry import registry
 from lavis.datasets.data_utils import concat_datasets
 from lavis_ext.datasets import CaptionDatasetExt, DataError, VGCaptionDatasetExt
 from lavis_ext.offline import LocalPathError
-from lavis_ext.tiny.data import make_caption_data
+from lavis_ext.tiny.data import UPSTREAM_VG_ROOT as UPSTREAM_VG, make_caption_data, make_coco_karpathy, make_vg_caption_data
 
 SIZE = 32
-UPSTREAM_VG = "/export/share/datasets/vision/visual-genome/image"
 PROCESSORS = {
     "vis_processor": {"train": {"name": "blip2_image_train", "image_size": SIZE},
                       "eval": {"name": "blip_image_eval", "image_size": SIZE}},
@@ -55,21 +54,8 @@ def make_coco(root: Path, num_images: int = 8, int_ids: bool = False, captions_p
 
 
 def make_vg(root: Path, num_images: int = 6, split: str = "train") -> tuple[Path, Path]:
-    """Upstream layout: absolute /export/... paths in the json, images split over VG_100K and VG_100K_2."""
-    src = make_caption_data(root / "src", num_images=num_images, captions_per_image=1, size=SIZE, split=split,
-                            id_prefix="vg_")
-    images = root / "vg" / "images"
-    records = []
-    for r in json.loads(src.read_text()):
-        name = Path(r["image"]).name
-        sub = "VG_100K" if int(Path(name).stem) % 2 == 0 else "VG_100K_2"
-        (images / sub).mkdir(parents=True, exist_ok=True)
-        shutil.move(root / "src" / "images" / r["image"], images / sub / name)
-        records.append(dict(r, image=f"{UPSTREAM_VG}/{name}"))
-    ann = root / "vg" / "annotations" / f"vg_caption_{split}.json"
-    ann.parent.mkdir(parents=True, exist_ok=True)
-    ann.write_text(json.dumps(records))
-    return ann, images
+    """Upstream layout (lavis_ext.tiny.data.make_vg_caption_data): ids vg_1.., odd in VG_100K, even in VG_100K_2."""
+    return make_vg_caption_data(root, num_images, size=SIZE, name=f"vg_caption_{split}.json"), root / "images"
 
 
 def coco_root(ann: Path) -> Path:
@@ -93,6 +79,23 @@ def test_coco_sample_keeps_the_annotation_image_id(tmp_path, int_ids):
         assert sample["text_input"] == records[i]["caption"]
         assert sample["image_id"] == records[i]["image_id"]  # as given, not an index
     assert train[2]["image_id"] == (101 if int_ids else "coco_1")
+
+
+def test_karpathy_splits_in_the_real_layout(tmp_path):
+    """Train records carry "coco_<id>"; val/test records have none: the id is the file name's number."""
+    paths = make_coco_karpathy(tmp_path, size=SIZE)
+    cfg = block(paths["train"], tmp_path / "images")
+    cfg["build_info"]["annotations"].update({s: {"storage": str(paths[s])} for s in ("val", "test")})
+    datasets = build("coco_caption_ext", cfg)
+    train = datasets["train"]
+    assert len(train) == 4 * 5 and train[0]["image_id"] == "coco_391895" and train[5]["image_id"] == "coco_391902"
+    for split in ("val", "test"):
+        records = json.loads(paths[split].read_text())
+        for i, record in enumerate(records):
+            sample = datasets[split][i]
+            assert sample["image_id"] == int(record["image"][-16:-4])  # val2014/COCO_val2014_000000391923.jpg
+            assert sample["text_input"] == record["caption"][0]
+            assert datasets[split].annotation[i]["caption"] == record["caption"]  # all 5: the references
 
 
 def test_relative_storage_is_joined_to_cache_root_with_default_yaml(tmp_path, monkeypatch):
@@ -162,26 +165,26 @@ def test_vg_upstream_paths_load_from_both_image_dirs(tmp_path):
     for i in range(len(train)):
         sample = train[i]
         assert sample["image"].shape == (3, SIZE, SIZE)
-        assert sample["image_id"] == f"vg_{i}"
+        assert sample["image_id"] == f"vg_{i + 1}"
     assert train.bad_images == 0
 
 
 def test_vg_missing_beyond_fraction_fails_with_counts(tmp_path):
     ann, images = make_vg(tmp_path, num_images=6)
-    (images / "VG_100K" / "0.jpg").unlink()
-    (images / "VG_100K_2" / "3.jpg").unlink()
+    (images / "VG_100K" / "1.jpg").unlink()
+    (images / "VG_100K_2" / "4.jpg").unlink()
 
     with pytest.raises(DataError) as err:
         build("vg_caption_ext", block(ann, images))  # default max_missing_fraction: 0.0
     message = str(err.value)
     assert "2 of 6 records" in message and "found 4" in message
-    assert "max_missing_fraction = 0.0" in message and f"{UPSTREAM_VG}/0.jpg" in message
+    assert "max_missing_fraction = 0.0" in message and f"{UPSTREAM_VG}/1.jpg" in message
 
     with pytest.raises(DataError, match="2 of 6 records"):
         build("vg_caption_ext", block(ann, images, max_missing_fraction=0.3))
 
     train = build("vg_caption_ext", block(ann, images, max_missing_fraction=0.5))["train"]
-    assert [train[i]["image_id"] for i in range(len(train))] == ["vg_1", "vg_2", "vg_4", "vg_5"]
+    assert [train[i]["image_id"] for i in range(len(train))] == ["vg_2", "vg_3", "vg_5", "vg_6"]
 
 
 def test_vg_none_found_fails(tmp_path):
@@ -205,7 +208,7 @@ def test_vg_val_split_is_the_same_dataset_with_eval_processors(tmp_path):
     assert type(val.vis_processor).__name__ == "BlipImageEvalProcessor"
     assert type(datasets["train"].vis_processor).__name__ == "Blip2ImageTrainProcessor"
     sample = val[1]
-    assert set(sample) == {"image", "text_input", "image_id"} and sample["image_id"] == "vg_1"
+    assert set(sample) == {"image", "text_input", "image_id"} and sample["image_id"] == "vg_2"
     assert torch.equal(sample["image"], val[1]["image"])  # eval transform is deterministic
 
 
@@ -236,7 +239,7 @@ def test_concat_collater_keeps_image_id_for_coco_and_vg(tmp_path):
     vg = build("vg_caption_ext", block(vg_ann, vg_images))["train"]
 
     mixed = concat_datasets({"train": [coco, vg]})["train"]
-    expected = [100, 101, 102, "vg_0", "vg_1", "vg_2"]
+    expected = [100, 101, 102, "vg_1", "vg_2", "vg_3"]
     batch = mixed.collater([mixed[i] for i in range(len(mixed))])
     assert batch["image_id"] == expected
     assert batch["image"].shape == (6, 3, SIZE, SIZE) and len(batch["text_input"]) == 6
