@@ -1,6 +1,7 @@
 """runner_ext through train.py: 2-process gloo training, checkpoints, exact resume, crash safety."""
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -148,3 +149,43 @@ print("partial: ok")
     assert "RunnerBase model is None: True" in result.stdout
     assert "RunnerExt model is None: False" in result.stdout
     assert "strict: fails" in result.stdout and "partial: ok" in result.stdout
+
+
+LAVIS_EXT_MODELS = {  # project yaml -> what makes it a tiny run of the same model
+    "blip2_qformer_ext": ("lavis_ext/projects/blip2/train/pretrain_stage1.yaml", []),
+    "blip2_internlm": ("lavis_ext/projects/blip2/train/pretrain_stage2_internlm2_1_8b.yaml",
+                       ["model.llm_dtype=fp32", "model.pretrained=", "model.llm_path={tiny_llm}"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LAVIS_EXT_MODELS))
+def test_lavis_ext_model_resumes_from_a_path_with_workers(arch, tiny_env, tiny_llm, tiny_coco, tmp_path):
+    """Both lavis-ext models, one process, a data-loader worker: checkpoints every 2 steps
+    (save_every_iters), and ``--resume PATH`` of a run stopped at step 3 continues it exactly."""
+    from lavis_ext.tiny.data import make_vg_caption_data
+    from test_pretrain_pipeline import TINY_RUN, data_options
+
+    yaml, model_options = LAVIS_EXT_MODELS[arch]
+    data = data_options(tiny_coco, make_vg_caption_data(tmp_path / "vg", num_images=4))
+    deterministic = [f"datasets.{d}.vis_processor.train.name=blip_image_eval" for d in ("coco_caption_ext", "vg_caption_ext")]
+    options = [*data, *deterministic, *TINY_RUN, *(o.format(tiny_llm=tiny_llm) for o in model_options), "run.max_epoch=1",
+               "run.num_workers=1", "run.save_every_iters=2", "run.distributed=False"]
+
+    def train(output: Path, *extra: str, resume: Path | None = None):
+        resume_args = ["--resume", str(resume)] if resume else []
+        result = run_python(["train.py", "--cfg-path", yaml, *resume_args, "--options", *options, *extra,
+                             f"run.output_dir={output}"], tiny_env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    full = train(tmp_path / "full")
+    reference = losses(tmp_path / "full")
+    assert len(reference) == 10  # (16 COCO + 4 VG captions) / batch 2
+    saved = [int(s) for s in re.findall(r"saved checkpoint: epoch 0, step (\d+)", full.stdout + full.stderr)]
+    assert saved == [2, 4, 6, 8, 10]  # every 2 steps; the last one is the epoch's end
+    train(tmp_path / "part", "run.max_iters=3")
+    (checkpoint,) = (tmp_path / "part").glob("*/checkpoint_last.pth")
+    assert torch.load(checkpoint, weights_only=False)["next_iter"] == 3
+    resumed = train(tmp_path / "resumed", resume=checkpoint)
+    assert "at epoch 0, iteration 3" in resumed.stdout + resumed.stderr
+    assert losses(tmp_path / "resumed") == reference[3:]
