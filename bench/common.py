@@ -183,12 +183,13 @@ def checkpoint_dirs(size: str, device: torch.device) -> dict[str, Path]:
 # --------------------------------------------------------------------------- the two systems
 
 
-def build_lavis(size: str, device: torch.device) -> Blip2InternLM:
+def build_lavis(size: str, device: torch.device, lora_rank: int = 0) -> Blip2InternLM:
     d, dirs = SIZES[size], checkpoint_dirs(size, device)
     config = Blip2InternLMConfig(
         llm_path=str(dirs["llm"]), bert_path=str(dirs["bert"]), vit_path=str(dirs["vit"]),
         image_size=d.image_size, num_query_token=d.num_query, cross_attention_freq=d.cross_attention_freq,
-        vit_precision="fp16", llm_dtype="bf16", max_txt_len=64)  # fp16/bf16 become fp32 without CUDA
+        vit_precision="fp16", llm_dtype="bf16", max_txt_len=64,  # fp16/bf16 become fp32 without CUDA
+        lora_rank=lora_rank)
     return Blip2InternLM(config).to(device)
 
 
@@ -236,7 +237,7 @@ HF_PARTS = ("vision_model", "qformer", "language_model")
 def build_systems(args) -> tuple[Blip2InternLM, Blip2ForConditionalGeneration]:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    lavis = build_lavis(args.size, device)
+    lavis = build_lavis(args.size, device, lora_rank=getattr(args, "lora_rank", 0))
     hf = build_hf(args.size, device, image_token_id=SIZES[args.size].llm_vocab - 1)  # never a text token
     maybe_compile(lavis, LAVIS_PARTS, args.compile)
     maybe_compile(hf, HF_PARTS, args.compile)

@@ -3,7 +3,9 @@
     .venv/bin/python bench/train_step.py --size small                  # CPU default, < 3 min
     .venv/bin/python bench/train_step.py --size 1.8b --device cuda     # MFU against --peak-tflops
 
-Goal: lavis-ext's step time <= 0.9x HF's (ratio of medians, same run).
+Goal: lavis-ext's step time <= 0.9x HF's (ratio of medians, same run). ``--lora-rank N`` puts
+LoRA on lavis-ext's LLM (``model.lora_rank``; HF stays without). Every step's loss is checked:
+the count of non-finite ones is printed (on CUDA lavis-ext runs its ViT in fp16, its LLM in bf16).
 """
 from __future__ import annotations
 
@@ -28,14 +30,18 @@ from common import (
 from lavis_ext.constants import IGNORE_INDEX
 
 
-def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:
-    """One optimizer step on ``loss_fn()``: AdamW over the trainable parameters (fused on CUDA)."""
+def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
+               losses: list[torch.Tensor] | None = None) -> Callable[[], None]:
+    """One optimizer step on ``loss_fn()``: AdamW over the trainable parameters (fused on CUDA).
+    Each step's detached loss is appended to ``losses`` when given (no device sync)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   weight_decay=0.05, fused=device.type == "cuda")
 
     def step() -> None:
         with precision(device):
             loss = loss_fn()
+        if losses is not None:
+            losses.append(loss.detach())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -43,11 +49,17 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], devi
     return step
 
 
-def main() -> None:
+def nonfinite(losses: list[torch.Tensor]) -> int:
+    return sum(not bool(torch.isfinite(loss).all()) for loss in losses)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Print the comparison; return ``{"seconds": {system: ...}, "ratio": ..., "mfu": ..., ...}``."""
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's dense bf16 peak, for MFU (H100 SXM: 989)")
-    args = p.parse_args()
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on lavis-ext's LLM (0: none)")
+    args = p.parse_args(argv)
     d = SIZES[args.size]
     args.batch = args.batch or d.batch
     device = torch.device(args.device)
@@ -67,10 +79,13 @@ def main() -> None:
     seq_len, n_targets = labels.shape[1], int((labels[:, 1:] != IGNORE_INDEX).sum())
 
     models = {"lavis-ext": lavis, "hf": hf}
+    losses: dict[str, list[torch.Tensor]] = {"lavis-ext": [], "hf": []}
     steps = {
-        "lavis-ext": train_step(lavis, lambda: lavis({"image": pixels, "text_input": texts})["loss"], device),
+        "lavis-ext": train_step(lavis, lambda: lavis({"image": pixels, "text_input": texts})["loss"], device,
+                                losses["lavis-ext"]),
         "hf": train_step(hf, lambda: hf(pixel_values=pixels,
-                                        **hf_text_inputs(lavis, prompts, texts, image_token, device)).loss, device),
+                                        **hf_text_inputs(lavis, prompts, texts, image_token, device)).loss, device,
+                         losses["hf"]),
     }
     peaks = warm_up(steps, models, args.warmup, device)
     seconds = median_seconds(steps, args.reps, device)
@@ -79,14 +94,20 @@ def main() -> None:
     print(describe_run(args))
     print(f"sequence length {seq_len} ({d.num_query} queries), {n_targets} target tokens; "
           f"model FLOPs per step {flops / 1e12:.3f} T")
+    mfu = {name: flops / s / (args.peak_tflops * 1e12) if device.type == "cuda" else None
+           for name, s in seconds.items()}
     for name, model in models.items():
         line = (f"{name:10s} step {seconds[name]:.4f} s (median of {args.reps}), "
-                f"trainable {param_count(model, True) / 1e6:.1f}M of {param_count(model) / 1e6:.1f}M params")
+                f"trainable {param_count(model, True) / 1e6:.1f}M of {param_count(model) / 1e6:.1f}M params, "
+                f"{nonfinite(losses[name])} non-finite of {len(losses[name])} losses")
         if device.type == "cuda":
-            mfu = flops / seconds[name] / (args.peak_tflops * 1e12)
-            line += f", MFU {100 * mfu:.1f}%, peak memory {peaks[name]:.2f} GiB"
+            line += f", MFU {100 * mfu[name]:.1f}%, peak memory {peaks[name]:.2f} GiB"
         print(line)
-    print(f"ratio lavis-ext / hf step time: {seconds['lavis-ext'] / seconds['hf']:.3f} (goal <= 0.9)")
+    ratio = seconds["lavis-ext"] / seconds["hf"]
+    print(f"ratio lavis-ext / hf step time: {ratio:.3f} (goal <= 0.9)")
+    return {"seconds": seconds, "ratio": ratio, "mfu": mfu, "peak_gib": peaks, "flops": flops,
+            "steps": {name: len(v) for name, v in losses.items()},
+            "nonfinite": {name: nonfinite(v) for name, v in losses.items()}}
 
 
 if __name__ == "__main__":
