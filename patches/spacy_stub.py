@@ -10,6 +10,7 @@ answers (OK-VQA) reaches that error only if it is configured to use spaCy.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -29,6 +30,7 @@ def apply() -> None:
     if "spacy" in sys.modules or importlib.util.find_spec("spacy") is not None:
         return
     stub = types.ModuleType("spacy")
+    stub.__spec__ = importlib.machinery.ModuleSpec("spacy", None)  # find_spec("spacy") asks for it
     stub.__doc__ = "lavis-ext stand-in for the missing spaCy package. " + INSTALL_HINT
     stub.load = _load
     stub.LAVIS_EXT_STUB = True

@@ -7,11 +7,17 @@ exist and ``import torchvision`` raises ``RuntimeError: operator torchvision::nm
 not exist``. transformers' ``image_utils`` imports torchvision, so ``import lavis``
 (``lavis/common/utils.py:28``) fails the same way.
 
-Fix: define the two schemas ourselves before torchvision is imported. Only the schemas
-are defined: ``ops.nms`` stays unavailable (BLIP-2 needs neither it nor ``decode_jpeg``).
-On a machine where torchvision's own ops load, the schemas exist and nothing is done.
+Fix: before torchvision is imported, load its own ops library (``torchvision/_C.so``), as
+torchvision itself would; where that loads (a CUDA machine, or a wheel built for this torch)
+the schemas exist and nothing else is done. Where it cannot load, define the two schemas
+ourselves. Defining them while the library could load would break torchvision's own
+registration of the ``torchvision`` namespace. Only the schemas are defined: ``ops.nms``
+stays unavailable (BLIP-2 needs neither it nor ``decode_jpeg``).
 """
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -31,8 +37,26 @@ def _has_schema(name: str) -> bool:
     return True
 
 
+def _load_torchvision_ops() -> bool:
+    """Load torchvision's ``_C`` ops library; False where it cannot load with this torch."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for library in Path(spec.submodule_search_locations[0]).glob("_C*.so"):
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError):
+            return False
+        return True
+    return False
+
+
 def apply() -> None:
     global _library
+    if _library is None and all(_has_schema(name) for name in _SCHEMAS):
+        return
+    if _library is None and _load_torchvision_ops() and all(_has_schema(name) for name in _SCHEMAS):
+        return
     missing = [name for name in _SCHEMAS if not _has_schema(name)]
     if not missing:
         return
