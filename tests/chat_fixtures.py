@@ -12,15 +12,20 @@ from lavis_ext.text_zh import CAPTION_PROMPT_ZH
 
 QA = "Question: {} Short answer:"  # the tiny model type's qa_prompt
 SHAPES = {"red": "circle", "blue": "square"}  # colour -> the shape drawn in it
-TRAIN_STEPS = 50
+TRAIN_STEPS = 100  # enough for every answer below from each of the 12 initialisations tried
 
 
 def chat_examples(colour: str) -> list[tuple[str, str]]:
     """``(prompt, target)`` pairs the model learns for the image of a ``colour`` shape."""
     shape = SHAPES[colour]
     zh = {"red": "一个红色的圆形", "blue": "一个蓝色的方形"}[colour]
-    return [("", f"a {colour} {shape}"), (CAPTION_PROMPT_ZH, zh), (QA.format("what colour is it?"), colour),
-            (QA.format("what shape is it?"), shape)]
+    colour_question = QA.format("what colour is it?")
+    # a second turn that repeats the first answer, whatever the image: only the history tells it
+    # (BLIP-2's plain multi-turn prompt, as Blip2InternLM.chat_prompt writes it); without one, "say what"
+    again = [(f"{colour_question} {word} {QA.format('say it again')}", f"{word} again") for word in SHAPES]
+    again.append((QA.format("say it again"), "say what"))
+    return [("", f"a {colour} {shape}"), (CAPTION_PROMPT_ZH, zh), (colour_question, colour),
+            (QA.format("what shape is it?"), shape), *again]
 
 
 def train_chat_model(dst: Path) -> dict[str, Path]:
@@ -33,7 +38,7 @@ def train_chat_model(dst: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     model = load_model("blip2_internlm", "tiny", is_eval=False)
-    model.config.max_txt_len = 64  # the QA prompts alone are ~30 tiny-vocab tokens
+    model.config.max_txt_len = 128  # a QA prompt alone is ~30 tiny-vocab tokens
     model.set_trainable(freeze_vit=True, freeze_llm=False, freeze_qformer=False)
     processor = BlipImageEvalProcessor(image_size=model.config.image_size)
     files, images, prompts, targets = {}, [], [], []

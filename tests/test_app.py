@@ -27,6 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 SETTINGS = {"num_beams": 1, "max_len": 24}  # the app's --num-beams 1 --max-new-tokens 24, as predict_answers takes them
 TIMEOUT_MS = 20_000
+UPLOAD_LIMIT_KB = 8  # the test images are ~200 bytes
 # gradio 6.17.3 names starlette's renamed 422 constant on every queued request
 pytestmark = pytest.mark.filterwarnings("ignore:'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
 
@@ -51,7 +52,8 @@ def tiny_env(tiny_parts, tiny_llm):
 def url(tiny_env, trained_chat):  # noqa: F811
     port = free_port()
     page = app.serve(app.parse_args(["--model-type", "tiny", "--checkpoint", str(trained_chat["checkpoint"]),
-                                     "--port", str(port), "--num-beams", "1", "--max-new-tokens", "24"]), block=False)
+                                     "--port", str(port), "--num-beams", "1", "--max-new-tokens", "24",
+                                     "--max-upload-mb", str(UPLOAD_LIMIT_KB / 1024)]), block=False)
     yield f"http://127.0.0.1:{port}/"
     page.close()
 
@@ -119,14 +121,14 @@ def test_caption_and_chat_in_the_page_are_the_models(browser, url, model, traine
     first = predict(model, red, "what colour is it?")
     ask(page, "what colour is it?")
     expect(last_answer(page)).to_have_text(first, timeout=TIMEOUT_MS)
-    second = model.chat(pixels(model, red), [("what colour is it?", first)], "what shape is it?",
+    second = model.chat(pixels(model, red), [("what colour is it?", first)], "say it again",
                         num_beams=1, max_new_tokens=24)
-    ask(page, "what shape is it?")  # the second turn sees the first
+    ask(page, "say it again")  # the second turn sees the first
     expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(2, timeout=TIMEOUT_MS)
     expect(last_answer(page)).to_have_text(second, timeout=TIMEOUT_MS)
     page.screenshot(path=tmp_path / "app.png")
     # the trained model's words: the page shows text a reader can check, not byte soup
-    assert (english, chinese, first) == ("a red circle", "一个红色的圆形", "red")
+    assert (english, chinese, first, second) == ("a red circle", "一个红色的圆形", "red", "red again")
     assert hosts == {url.split("/")[2]}  # nothing fetched from anywhere else
 
 
@@ -138,6 +140,16 @@ def test_a_broken_upload_is_a_message_in_the_page(browser, url, tmp_path):
     expect(page.locator("#status")).to_contain_text("cannot decode image notes.png")
     ask(page, "still there?")  # the page goes on: a text-only chat
     expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(1, timeout=TIMEOUT_MS)
+
+
+def test_an_upload_over_the_limit_is_refused_in_the_page(browser, url, tmp_path):
+    large = tmp_path / "large.png"
+    Image.frombytes("L", (128, 128), torch.randint(0, 256, (128 * 128,), dtype=torch.uint8).numpy().tobytes()).save(large)
+    assert large.stat().st_size > UPLOAD_LIMIT_KB * 1024
+    page = open_page(browser, url, set())
+    page.set_input_files("#upload input[type=file]", str(large))
+    expect(page.get_by_text("exceed the maximum allowed size")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#status")).to_contain_text("No image")
 
 
 def test_two_tabs_at_once_both_get_their_answers(browser, url, model, trained_chat):  # noqa: F811

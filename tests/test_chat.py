@@ -118,9 +118,11 @@ def test_a_forced_stop_token_ends_the_answer(chat_model):  # noqa: F811
 
 def test_no_image_is_a_text_only_chat(base_model, monkeypatch):
     monkeypatch.setattr(base_model, "encode_images", None)  # the image path must not run
+    calls = llm_inputs(base_model, monkeypatch)
     answer = base_model.chat(None, HISTORY, "what is it?", **GREEDY)
     prompt = base_model.chat_prompt(HISTORY, "what is it?", QA)
     ids = torch.tensor([base_model.llm_tokenizer.encode(prompt)])  # the LLM alone on the text
+    assert torch.equal(calls[0]["inputs_embeds"], base_model.llm.get_input_embeddings()(ids))
     output = base_model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                      min_new_tokens=1, num_beams=1, do_sample=False, eos_token_id=base_model.stop_token_ids,
                                      pad_token_id=base_model.llm_tokenizer.pad_token_id)
@@ -155,6 +157,13 @@ def test_cli_answers_as_evaluate_predicts_with_the_demo_yaml(tiny_model_env, tmp
                                             min_len=run.min_len, length_penalty=run.length_penalty, prompt=run.prompt)
     assert sample["image"].shape[-1] == 64  # the yaml's image size
     assert lines[-2:] == [expected[0], ""]
+
+
+def test_generation_settings_are_the_eval_yamls():
+    run = OmegaConf.load(VQA_YAML).run
+    settings = chat_cli.GenerationSettings.from_run_config(run)
+    assert (settings.num_beams, settings.max_new_tokens, settings.min_new_tokens, settings.length_penalty,
+            settings.template) == (run.num_beams, run.max_len, run.min_len, run.length_penalty, run.prompt)
 
 
 def test_cli_commands_and_bad_images(tiny_model_env, tmp_path):
