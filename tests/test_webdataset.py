@@ -182,13 +182,9 @@ def test_make_shards_refuses_a_builder_without_captions(tmp_path):
                           "--out", str(tmp_path / "out")])
 
 
-RUNNER_PENDING = ("runner_ext builds a sampler for every train set; it needs the change for iterable datasets "
-                  "(issue 17: unwrap LAVIS's one-dataset ChainDataset, DataLoader without sampler, "
-                  "set_epoch on the dataset)")
 STAGE1_WDS = "lavis_ext/projects/blip2/train/pretrain_stage1_wds.yaml"
 
 
-@pytest.mark.xfail(strict=True, reason=RUNNER_PENDING)
 def test_stage1_on_shards_under_two_ranks_sees_each_sample_once(tiny_parts, tmp_path):
     # 8 shards of 4: each of the 2 ranks x 2 workers reads 2 shards; 24 samples per epoch take
     # 6 of each slot's 8, so the corrupt first sample of shard 1 is always read, then skipped

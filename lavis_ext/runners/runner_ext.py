@@ -34,11 +34,12 @@ from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ChainDataset, DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from lavis_ext.checkpoint import (atomic_save, atomic_write_text, load_checkpoint_file, load_partial_state,
                                   remove_stale_temporaries, temporary_path)
+from lavis_ext.datasets.webdataset import WebDatasetCaptions
 from lavis_ext.errors import LavisExtError
 from lavis_ext.runners.sampler import EpochSampler
 
@@ -168,16 +169,25 @@ class RunnerExt(RunnerBase):
         return int(self.config.run_cfg.get("seed", 42))
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
-        """Plain ``DataLoader``s. Train uses :class:`EpochSampler`; eval shards without shuffling."""
+        """Plain ``DataLoader``s. Train uses :class:`EpochSampler` (webdataset shards deal themselves
+        to ranks and workers, and take its ``set_epoch``); eval shards without shuffling."""
         loaders = []
         for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
-            if not isinstance(dataset, Dataset) or isinstance(dataset, (list, tuple)):
-                raise TypeError("runner_ext supports map-style datasets only (no webdataset pipelines)")
+            if isinstance(dataset, ChainDataset) and len(dataset.datasets) == 1:
+                dataset = dataset.datasets[0]  # LAVIS's concat_datasets chains each webdataset (data_utils.py:144)
             # an own generator: creating the loader iterator must not draw from the global RNG,
             # or a resumed run would see different random numbers than the uninterrupted one
             generator = torch.Generator().manual_seed(self.seed + get_rank())
             common = dict(batch_size=bsz, num_workers=num_workers, collate_fn=collate_fn, generator=generator,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
+            if is_train and isinstance(dataset, WebDatasetCaptions):
+                dataset.batch_size = bsz
+                self._train_sampler = dataset
+                loaders.append(DataLoader(dataset, drop_last=True, **dict(common, collate_fn=dataset.collater)))
+                continue
+            if not isinstance(dataset, Dataset) or isinstance(dataset, (list, tuple, IterableDataset)):
+                raise TypeError(f"runner_ext trains on map-style datasets or webdataset shards (wds_caption), "
+                                f"not {type(dataset).__name__}")
             if is_train:
                 self._train_sampler = EpochSampler(len(dataset), seed=self.seed, rank=get_rank(),
                                                    world_size=get_world_size())
