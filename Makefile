@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP) chromium
 
-# the browser test drives Debian's chromium (playwright's own browser download is unreachable here)
+# the browser test drives Debian's chromium (playwright's own browser download is unreachable here);
+# a CJK font, so that its screenshots show the Chinese captions
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; }
 
 $(STAMP): setup.py requirements.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)

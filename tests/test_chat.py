@@ -44,15 +44,18 @@ def llm_inputs(model, monkeypatch) -> list[dict]:
     return calls
 
 
+def hub_template_text(llm_dir, messages) -> str:
+    """The conversation as the hub's own ``chat_template`` (jinja, tokenizer_config.json) renders it."""
+    config = json.loads((llm_dir / "tokenizer_config.json").read_text())
+    return jinja2.Template(config["chat_template"]).render(messages=messages, add_generation_prompt=True,
+                                                           bos_token="<s>")
+
+
 def hub_template_ids(llm_dir, messages) -> list[int]:
-    """Ids of the conversation as the hub's own ``chat_template`` (jinja, tokenizer_config.json)
-    renders it, encoded as transformers' ``apply_chat_template(tokenize=True)`` does."""
+    """:func:`hub_template_text`'s ids, encoded as transformers' ``apply_chat_template(tokenize=True)`` does."""
     from lavis_ext.models.internlm2 import load_internlm2_tokenizer
 
-    config = json.loads((llm_dir / "tokenizer_config.json").read_text())
-    text = jinja2.Template(config["chat_template"]).render(messages=messages, add_generation_prompt=True,
-                                                           bos_token="<s>")
-    return load_internlm2_tokenizer(llm_dir).encode(text, add_special_tokens=False)
+    return load_internlm2_tokenizer(llm_dir).encode(hub_template_text(llm_dir, messages), add_special_tokens=False)
 
 
 def test_history_renders_to_exactly_the_chat_template_ids(chat_model, chat_llm, monkeypatch):  # noqa: F811
@@ -66,6 +69,25 @@ def test_history_renders_to_exactly_the_chat_template_ids(chat_model, chat_llm, 
     n_query = chat_model.config.num_query_token
     assert embeds.shape[0] == n_query + len(expected)  # the queries, then the conversation
     assert torch.equal(embeds[n_query:], chat_model.llm.get_input_embeddings()(torch.tensor(expected)))
+
+
+def test_an_image_placeholder_takes_the_queries_in_the_first_turn_only(chat_model, chat_llm, monkeypatch):  # noqa: F811
+    """``run.prompt: "<image>\\n{}"`` (instruction-tuned models): the queries where a training turn has them."""
+    calls = llm_inputs(chat_model, monkeypatch)
+    chat_model.chat(image(224), HISTORY[:1], "how many?", template="<image>\n{}", **GREEDY)
+    chat_model.chat(None, HISTORY[:1], "how many?", template="<image>\n{}", **GREEDY)
+    (question, answer), tokenizer = HISTORY[0], chat_model.llm_tokenizer
+    messages = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": "how many?"}]
+    before, after = [tokenizer.encode(part, add_special_tokens=False)  # each side of <image>, as chat_format
+                     for part in hub_template_text(chat_llm, messages).split("<image>")]
+    messages[0]["content"] = question
+    embed = chat_model.llm.get_input_embeddings()
+    queries = chat_model.encode_images(image(224)[None])[0]
+    assert torch.equal(calls[0]["inputs_embeds"][0], torch.cat([embed(torch.tensor(before)), queries,
+                                                                 embed(torch.tensor(after))]))
+    without = tokenizer.encode(hub_template_text(chat_llm, messages), add_special_tokens=False)
+    assert torch.equal(calls[1]["inputs_embeds"][0], embed(torch.tensor(without)))  # no image, no placeholder
 
 
 def test_base_model_history_is_the_plain_qa_prompt(base_model, monkeypatch):

@@ -28,7 +28,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch.nn.utils.rnn import pad_sequence
 
 from lavis_ext import offline
-from lavis_ext.models.blip2_models.chat_format import LLMTokens, encode_with_image
+from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, LLMTokens, encode_with_image
 from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, reading_weights
 from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.errors import CheckpointError
@@ -341,18 +341,20 @@ class Blip2InternLM(Blip2Base):
 
     def chat_prompt(self, history: Sequence[tuple[str, str]], question: str, template: str) -> str:
         """The prompt of a conversation: earlier ``(question, answer)`` turns, then ``question``,
-        each question as ``template.format(question)``.
+        each question as ``template.format(question)``; an ``<image>`` in ``template`` (where the
+        queries go) stays in the first turn only, as in a training conversation.
 
         With ``use_chat_template``, InternLM2's chat format ending in the generation prompt (without
         the bos: :meth:`build_llm_inputs` adds it); otherwise the turns joined by spaces, as BLIP-2
         prompts a base LLM for visual conversation (``Question: q1 Short answer: a1 Question: q2 ...``).
         """
         turns = [*history, (question, None)]
+        templates = [template] + [without_image(template)] * len(history)
         if not self.config.use_chat_template:
-            return " ".join(template.format(q) + ("" if a is None else f" {a}") for q, a in turns)
+            return " ".join(t.format(q) + ("" if a is None else f" {a}") for t, (q, a) in zip(templates, turns))
         messages = []
-        for q, a in turns:
-            messages.append({"role": "user", "content": template.format(q)})
+        for t, (q, a) in zip(templates, turns):
+            messages.append({"role": "user", "content": t.format(q)})
             if a is not None:
                 messages.append({"role": "assistant", "content": a})
         chat = self.llm_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -371,11 +373,13 @@ class Blip2InternLM(Blip2Base):
         streamer) receives the generated ids as they come; transformers refuses it with beam search.
         The answer stops at :attr:`stop_token_ids` and comes back without them (:meth:`decode_answer`).
         """
-        if image is None:  # no query embeddings: the LLM sees the text alone
+        template = self.config.qa_prompt if template is None else template
+        if image is None:  # no query embeddings and no place for them: the LLM sees the text alone
             query_embeds = torch.zeros(1, 0, self.llm.config.hidden_size, dtype=self.llm.dtype, device=self.device)
+            template = without_image(template)
         else:
             query_embeds = self.encode_images(image.reshape(1, *image.shape[-3:]).to(self.device))
-        prompt = self.chat_prompt(history, question, self.config.qa_prompt if template is None else template)
+        prompt = self.chat_prompt(history, question, template)
         (answer,) = self._generate_from(
             query_embeds, [prompt], num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, length_penalty=length_penalty,
@@ -433,6 +437,11 @@ class Blip2InternLM(Blip2Base):
                                    "model.finetuned", url_or_filename)
         load_partial_state(self, state_dict, f"model.finetuned = {url_or_filename}")
         logger.info("loaded checkpoint from %s", url_or_filename)
+
+
+def without_image(template: str) -> str:
+    """``template`` without its ``<image>`` placeholder (and the newline after it, as LLaVA lays it out)."""
+    return template.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
 
 
 def check_tokenizer_fits(tokenizer, llm: nn.Module, llm_path: str) -> None:
