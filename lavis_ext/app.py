@@ -108,6 +108,7 @@ def build_page(app: ChatApp) -> gr.Blocks:
                         gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
                     ]
             with gr.Column(scale=3):
+                # answers shown as the model wrote them (markdown would turn "*" or "_" into formatting)
                 chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=420, render_markdown=False,
                                      feedback_options=None, buttons=["copy", "copy_all"])
                 question = gr.Textbox(label="Question", placeholder="Ask about the image (Enter sends)",
@@ -142,7 +143,7 @@ def serve(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     loaded = model_from_args(args)
     page = build_page(ChatApp(loaded, args.max_image_pixels))
     _, url, _ = page.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True,
-                            max_file_size=int(args.max_upload_mb * 2**20), prevent_thread_lock=True)
+                            show_error=True, max_file_size=int(args.max_upload_mb * 2**20), prevent_thread_lock=True)
     print(f"serving {loaded.description} at {url}", flush=True)
     if block:
         page.block_thread()

@@ -115,7 +115,8 @@ def test_caption_and_chat_in_the_page_are_the_models(browser, url, model, traine
     expect(page.locator("#caption textarea")).to_have_value(english, timeout=TIMEOUT_MS)
     page.get_by_label("zh").check()
     page.click("#caption-button")
-    (chinese,) = model.generate({"image": pixels(model, red), "prompt": [CAPTION_PROMPT_ZH]}, num_beams=1, max_length=24)
+    (chinese,) = model.generate({"image": pixels(model, red), "prompt": [CAPTION_PROMPT_ZH]}, num_beams=1,
+                                max_length=24)
     expect(page.locator("#caption textarea")).to_have_value(chinese, timeout=TIMEOUT_MS)
 
     first = predict(model, red, "what colour is it?")
@@ -144,7 +145,8 @@ def test_a_broken_upload_is_a_message_in_the_page(browser, url, tmp_path):
 
 def test_an_upload_over_the_limit_is_refused_in_the_page(browser, url, tmp_path):
     large = tmp_path / "large.png"
-    Image.frombytes("L", (128, 128), torch.randint(0, 256, (128 * 128,), dtype=torch.uint8).numpy().tobytes()).save(large)
+    noise = torch.randint(0, 256, (128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(large)
     assert large.stat().st_size > UPLOAD_LIMIT_KB * 1024
     page = open_page(browser, url, set())
     page.set_input_files("#upload input[type=file]", str(large))

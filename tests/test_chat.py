@@ -146,7 +146,8 @@ def test_no_image_is_a_text_only_chat(base_model, monkeypatch):
     ids = torch.tensor([base_model.llm_tokenizer.encode(prompt)])  # the LLM alone on the text
     assert torch.equal(calls[0]["inputs_embeds"], base_model.llm.get_input_embeddings()(ids))
     output = base_model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                     min_new_tokens=1, num_beams=1, do_sample=False, eos_token_id=base_model.stop_token_ids,
+                                     min_new_tokens=1, num_beams=1, do_sample=False,
+                                     eos_token_id=base_model.stop_token_ids,
                                      pad_token_id=base_model.llm_tokenizer.pad_token_id)
     assert answer == base_model.decode_answer(output[0, ids.shape[1]:].tolist())
 
@@ -201,8 +202,8 @@ def test_cli_commands_and_bad_images(tiny_model_env, tmp_path):
     broken_line = next(i for i, line in enumerate(lines) if line.startswith(f"error: cannot decode image {broken}"))
     assert lines[broken_line - 1] == f"error: image file not found: {tmp_path}/missing.png"
     # the chat goes on with the good image: the Chinese question is answered, then the caption
-    assert lines[broken_line + 1:broken_line + 3] == [loaded.model.chat(picture, [], "这是什么？", **settings.generate_kwargs()),
-                                                      chat_cli.caption(loaded.model, picture, "zh", settings)]
+    answer = loaded.model.chat(picture, [], "这是什么？", **settings.generate_kwargs())
+    assert lines[broken_line + 1:broken_line + 3] == [answer, chat_cli.caption(loaded.model, picture, "zh", settings)]
     assert lines[broken_line + 3:broken_line + 6] == ["usage: /caption [en|zh]", "history cleared", "usage: /image PATH"]
     assert lines[broken_line + 6].startswith("unknown command /wat")
 
