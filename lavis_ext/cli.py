@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import faulthandler
-import gc
 import json
 import os
 import pickle
@@ -25,6 +24,7 @@ import tempfile
 import time
 import traceback
 from argparse import Namespace
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +41,12 @@ from lavis.common.dist_utils import get_rank, init_distributed_mode, is_dist_ava
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis_ext import offline
-from lavis_ext.datasets.base import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+from lavis_ext.datasets.base import set_max_image_pixels
 from lavis_ext.errors import ConfigError, LavisExtError
+from lavis_ext.run_options import RunOptions, nearest
 from lavis_ext.runners.runner_ext import find_latest_checkpoint, rng_state, set_rng_state
 
-# run options read by runner_ext, lavis-ext's tasks or this module that stock yamls do not carry
-EXTRA_RUN_KEYS = {"amp", "accum_grad_iters", "save_every_iters", "max_iters", "max_nonfinite_steps",
-                  "resume_ckpt_path", "find_unused_parameters", "seed", "runner", "evaluate", "length_penalty",
-                  "max_image_pixels"}
+RUN_KEYS = {option.name for option in fields(RunOptions)}
 # what bad input raises: lavis-ext's checks, and the OS, config, JSON, image and unpickling errors
 # that reach the top without one of them around
 USER_ERRORS = (LavisExtError, OSError, json.JSONDecodeError, yaml.YAMLError, OmegaConfBaseException,
@@ -133,17 +131,26 @@ def check_options(cfg: Config, options: list[str]) -> None:
     project = OmegaConf.load(cfg.args.cfg_path)
     merged = OmegaConf.merge(Config.build_runner_config(project), Config.build_model_config(project),
                              Config.build_dataset_config(project))
+    known = {*flat_keys(merged), *(f"run.{key}" for key in RUN_KEYS),
+             *(f"model.{key}" for key in ("bert_path", "vit_path", "pretrained", "finetuned"))}
     for option in options:
         key = option.split("=", 1)[0]
         if "=" not in option:
             raise OptionsError(f"--options {option!r}: expected key=value")
-        if OmegaConf.select(merged, key, default=None) is not None:
-            continue
-        if key.startswith("run.") and key[4:] in EXTRA_RUN_KEYS:
-            continue
-        if key.startswith("model.") and key[6:] in ("bert_path", "vit_path", "pretrained", "finetuned"):
-            continue
-        raise OptionsError(f"--options {key!r}: no such key in {cfg.args.cfg_path} (or its model/dataset defaults)")
+        if key not in known and OmegaConf.select(merged, key, default=None) is None:
+            raise OptionsError(f"--options {key!r}: no such key in {cfg.args.cfg_path} (or its model/dataset "
+                               f"defaults, or lavis_ext.run_options.RunOptions){nearest(key, known)}")
+
+
+def flat_keys(config, prefix: str = "") -> list[str]:
+    """Dotted paths of every key in ``config`` (a DictConfig), mappings included."""
+    keys = []
+    for key, value in config.items_ex(resolve=False) if hasattr(config, "items_ex") else config.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if OmegaConf.is_dict(value):
+            keys += flat_keys(value, f"{path}.")
+    return keys
 
 
 def setup_seeds(seed: int) -> None:
@@ -177,8 +184,9 @@ def run(argv: list[str] | None, evaluate: bool):
     check_options(cfg, args.options)
     run_cfg = cfg.run_cfg
     check_output_dir(run_cfg)
+    options = RunOptions.from_run_cfg(run_cfg)
     init_distributed_mode(run_cfg)
-    setup_seeds(int(run_cfg.get("seed", 42)))
+    setup_seeds(options.seed)
     setup_logger()
     job_id = decide_job_id(run_cfg, args.resume)
     if args.resume == "auto":
@@ -194,18 +202,23 @@ def run(argv: list[str] | None, evaluate: bool):
     task = setup_task(cfg)
     datasets = task.build_datasets(cfg)
     check_image_sizes(cfg.model_cfg, datasets)
-    set_max_image_pixels(datasets, run_cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    set_max_image_pixels(datasets, options.max_image_pixels)
     model = task.build_model(cfg)
-    runner_cls = registry.get_runner_class(run_cfg.get("runner", "runner_base"))
+    runner_cls = registry.get_runner_class(options.runner)
     if runner_cls is None:
-        raise ConfigError(f"run.runner = {run_cfg.get('runner')!r} is not a registered runner")
+        raise ConfigError(f"run.runner = {options.runner!r} is not a registered runner")
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     if evaluate:
         runner.evaluate(skip_reload=True)
     else:
         runner.train()
     if is_dist_avail_and_initialized():
-        close_distributed(runner)
+        close = getattr(runner, "close", None)  # runner_ext's; a stock runner has none
+        if close is not None:
+            close()
+        else:
+            dist.barrier()
+            dist.destroy_process_group()
     return runner
 
 
@@ -241,16 +254,3 @@ def error_line(exc: BaseException) -> str:
     """The message of a bad-input error on one line (or its type's name, when it has none)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
-
-def close_distributed(runner) -> None:
-    """Leave together and tear down in order.
-
-    Rank 0 may still be scoring, hence the barrier. DDP holds a reference to the process group,
-    so it is freed first: freed after ``destroy_process_group`` (when the runner is collected)
-    a rank could hang in the gloo teardown, and exiting with a live group could abort with
-    "terminate called without an active exception".
-    """
-    runner._wrapped_model = None  # RunnerBase's DDP wrapper; the bare model stays
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()

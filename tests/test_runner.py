@@ -66,17 +66,17 @@ def test_hung_run_fails_with_each_ranks_stack(tiny_env, tmp_path):
 
 CLOSE_SCRIPT = """
 import sys, weakref, torch, torch.distributed as dist
-from types import SimpleNamespace
-from lavis_ext.cli import close_distributed
+from lavis_ext.runners.runner_ext import RunnerExt
 dist.init_process_group("gloo")
-runner = SimpleNamespace(_wrapped_model=torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2)))
+runner = RunnerExt.__new__(RunnerExt)  # only what close() uses: the DDP wrapper
+runner._wrapped_model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
 wrapper = weakref.ref(runner._wrapped_model)
 destroy = dist.destroy_process_group
 def checked_destroy():
     print(f"rank {dist.get_rank()}: DDP alive at destroy: {wrapper() is not None}", flush=True)
     destroy()
 dist.destroy_process_group = checked_destroy
-close_distributed(runner)
+runner.close()
 """
 
 

@@ -24,10 +24,10 @@ from torch.utils.data.dataloader import default_collate
 
 from lavis_ext.errors import ConfigError, LavisExtError
 from lavis_ext.offline import require_file
+from lavis_ext.run_options import DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default (Image.MAX_IMAGE_PIXELS)
 MAX_IMAGE_PIXELS_KEY = "run.max_image_pixels"
 # integer grayscale modes whose values span 0..65535 (16-bit PNG and TIFF); "RGB" conversion clips them at 255
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

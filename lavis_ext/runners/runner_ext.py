@@ -15,11 +15,11 @@ What it changes in ``lavis/runners/runner_base.py`` (1.0.2):
   optimizer, scaler, position and RNG states, and mid-epoch resume that continues the run
   bit-for-bit (with ``num_workers: 0``; with workers the data order is still exact).
 
-Run options it reads, beyond LAVIS's: ``amp``, ``accum_grad_iters``, ``save_every_iters``,
-``max_iters`` (stop early, for smoke runs), ``max_nonfinite_steps``, ``seed``.
+Run options it reads beyond LAVIS's are declared in :class:`lavis_ext.run_options.RunOptions`.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -41,6 +41,7 @@ from lavis_ext.checkpoint import (atomic_save, atomic_write_text, load_checkpoin
                                   remove_stale_temporaries, temporary_path)
 from lavis_ext.datasets.webdataset import WebDatasetCaptions
 from lavis_ext.errors import LavisExtError
+from lavis_ext.run_options import RunOptions
 from lavis_ext.runners.sampler import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def find_latest_checkpoint(output_root: Path) -> Path | None:
 @registry.register_runner("runner_ext")
 class RunnerExt(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
+        self.options = RunOptions.from_run_cfg(cfg.run_cfg)
         super().__init__(cfg, task, model, datasets, job_id)
         self.start_iter = 0  # batches of ``start_epoch`` already trained (mid-epoch resume)
         self.global_step = 0
@@ -120,7 +122,7 @@ class RunnerExt(RunnerBase):
     def device(self) -> torch.device:
         """``run.device``; ``auto`` is CUDA when available, else CPU."""
         if self._device is None:
-            name = self.config.run_cfg.device
+            name = self.options.device
             self._device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
         return self._device
 
@@ -131,24 +133,32 @@ class RunnerExt(RunnerBase):
             self._model = self._model.to(self.device)
             if self.use_distributed and not self.evaluate_only:
                 device_ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
-                find_unused = bool(self.config.run_cfg.get("find_unused_parameters", False))
                 self._wrapped_model = DDP(self._model, device_ids=device_ids,
-                                          find_unused_parameters=find_unused)
+                                          find_unused_parameters=self.options.find_unused_parameters)
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    def close(self) -> None:
+        """Leave the process group together, in order: all ranks meet (rank 0 may still be
+        scoring), DDP is freed, then the group is destroyed. DDP holds a reference to the group:
+        freed after ``destroy_process_group`` (when the runner is collected) a rank could hang in
+        the gloo teardown, and exiting with a live group could abort with "terminate called
+        without an active exception"."""
+        self._wrapped_model = None  # the bare model stays
+        gc.collect()
+        if is_dist_avail_and_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def unwrap_dist_model(self, model):
         return model.module if isinstance(model, DDP) else model
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        amp = self.config.run_cfg.get("amp", False)
-        amp = "fp16" if amp is True else amp
-        if not amp:
+        amp = self.options.amp
+        if amp == "false":
             return None
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"run.amp = {amp!r}: expected one of bf16, fp16, false")
         if amp == "fp16" and self.device.type != "cuda":
             logger.warning("run.amp fp16 needs CUDA: training in fp32 on %s", self.device)
             return None
@@ -166,7 +176,11 @@ class RunnerExt(RunnerBase):
 
     @property
     def seed(self) -> int:
-        return int(self.config.run_cfg.get("seed", 42))
+        return self.options.seed
+
+    @property
+    def accum_grad_iters(self) -> int:
+        return self.options.accum_grad_iters
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         """Plain ``DataLoader``s. Train uses :class:`EpochSampler` (webdataset shards deal themselves
@@ -224,14 +238,11 @@ class RunnerExt(RunnerBase):
 
     @property
     def reached_max_iters(self) -> bool:
-        max_iters = int(self.config.run_cfg.get("max_iters", 0))
-        return 0 < max_iters <= self.global_step
+        return 0 < self.options.max_iters <= self.global_step
 
     def train_epoch(self, epoch: int) -> dict:
         model, loader, sampler = self.model, self.train_loader, self._train_sampler
-        run = self.config.run_cfg
-        save_every = int(run.get("save_every_iters", 0))
-        max_nonfinite = int(run.get("max_nonfinite_steps", 10))
+        save_every, max_nonfinite = self.options.save_every_iters, self.options.max_nonfinite_steps
         start = self.start_iter if epoch == self.start_epoch else 0
         sampler.set_epoch(epoch, start * loader.batch_size)
         iters_per_epoch = start + len(loader)
@@ -392,4 +403,4 @@ class RunnerExt(RunnerBase):
 
     @property
     def resume_ckpt_path(self):
-        return self.config.run_cfg.get("resume_ckpt_path", None)
+        return self.options.resume_ckpt_path or None

@@ -32,7 +32,8 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from lavis_ext.tasks.common import EvalTaskMixin, format_table, most_frequent
-from lavis_ext.text_zh import SEGMENTERS, tokenize_for_metrics
+from lavis_ext.text_zh import tokenize_for_metrics
+from lavis_ext.run_options import RunOptions
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ class CaptionTaskExt(EvalTaskMixin, CaptionTask):
     @classmethod
     def setup_task(cls, cfg):
         task = super().setup_task(cfg)
-        task.segmenter = cfg.run_cfg.get("segmenter")  # None: English captions
-        if task.segmenter is not None and task.segmenter not in SEGMENTERS:
-            raise ValueError(f"run.segmenter = {task.segmenter!r}: expected one of {list(SEGMENTERS)} "
-                             "(Chinese captions), or no key (English)")
+        task.segmenter = RunOptions.from_run_cfg(cfg.run_cfg).segmenter or None  # None: English captions
         return task
 
     def valid_step(self, model, samples):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from lavis_ext.checkpoint import atomic_write_text
 from lavis_ext.runners.runner_ext import move_to
+from lavis_ext.run_options import RunOptions
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class EvalTaskMixin:
     @classmethod
     def setup_task(cls, cfg):
         task = super().setup_task(cfg)
-        length_penalty = cfg.run_cfg.get("length_penalty")  # LAVIS's tasks do not pass it on
+        length_penalty = RunOptions.from_run_cfg(cfg.run_cfg).length_penalty  # LAVIS's tasks do not pass it on
         task.extra_generate_kwargs = {} if length_penalty is None else {"length_penalty": float(length_penalty)}
         return task
 
