@@ -24,19 +24,24 @@ DEFAULT_TEXTS = (
 )
 
 
-def make_tiny_bert(dst: str | Path, texts: Iterable[str] = DEFAULT_TEXTS, vocab_size: int = 300,
+def make_tiny_bert(dst: str | Path, texts: Iterable[str] = DEFAULT_TEXTS,
                    hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
                    intermediate_size: int = 64) -> Path:
-    """Write ``vocab.txt`` (WordPiece, trained on ``texts``) and a tiny BERT ``config.json``."""
-    from tokenizers import BertWordPieceTokenizer
+    """Write ``vocab.txt`` (a WordPiece vocabulary of ``texts``) and a tiny BERT ``config.json``.
+
+    The vocabulary is built, not trained, so it is the same in every run (the ``tokenizers``
+    WordPiece trainer is not deterministic: 196 or 197 entries from the same texts): the special
+    tokens, every character of the texts alone and as a ``##`` continuation, then every word.
+    """
+    from transformers.models.bert.tokenization_bert import BasicTokenizer
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
-                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    wordpiece.save_model(str(dst))
-    vocab = (dst / "vocab.txt").read_text().splitlines()
+    words = sorted({word for text in texts for word in BasicTokenizer(do_lower_case=True).tokenize(text)})
+    characters = sorted({character for word in words for character in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters),
+             *(word for word in words if len(word) > 1)]
+    (dst / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     config = {
         "model_type": "bert", "architectures": ["BertModel"], "vocab_size": len(vocab),
         "hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
