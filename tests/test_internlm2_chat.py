@@ -20,13 +20,10 @@ def chat_llm(tmp_path_factory):
 
 
 @pytest.fixture
-def chat_model(tiny_parts, chat_llm, monkeypatch):
-    monkeypatch.setenv("LAVIS_EXT_BERT", str(tiny_parts["bert"]))
-    monkeypatch.setenv("LAVIS_EXT_VIT", str(tiny_parts["vit"]))
+def chat_model(tiny_model_env, chat_llm, monkeypatch):
+    """The 1.8B chat model type with the tiny BERT, ViT and chat LLM."""
     monkeypatch.setenv("LAVIS_EXT_INTERNLM2_CHAT_1_8B", str(chat_llm))
-    monkeypatch.delenv("LAVIS_EXT_STAGE1_CKPT", raising=False)
     torch.manual_seed(0)
-    # the 1.8B chat yaml with tiny parts; 64 px images keep the tiny ViT cheap
     return load_model("blip2_internlm", "pretrain_internlm2_chat_1_8b", is_eval=True)
 
 
