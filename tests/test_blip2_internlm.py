@@ -300,3 +300,17 @@ def test_apply_lemmatizer_lemmatises_the_answers_stand_in_spacy_shortcut(model, 
     assert text.lemmatize(raw) != raw
     model.config.apply_lemmatizer = True
     assert model.predict_answers(sample, num_beams=1, max_len=4) == text.lemmatize(raw)
+
+
+def test_vit_autocast_follows_its_stored_dtype(model, monkeypatch):
+    """On CUDA the ViT runs in the dtype model.vit_precision stored it in, never a hard-coded one."""
+    import contextlib
+    import warnings
+
+    monkeypatch.setattr(Blip2InternLM, "device", property(lambda self: torch.device("cuda")))
+    assert isinstance(model.maybe_autocast(), contextlib.nullcontext)  # an fp32 ViT: no autocast
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available" on this machine; the dtype is what counts
+        for dtype in (torch.float16, torch.bfloat16):
+            model.visual_encoder.to(dtype)
+            assert model.maybe_autocast().fast_dtype == dtype

@@ -195,9 +195,12 @@ class Blip2InternLM(Blip2Base):
 
     # ------------------------------------------------------------------ the image -> LLM path
 
-    def maybe_autocast(self, dtype=torch.float16):
-        """Autocast only on CUDA (the fp16 ViT); CPU runs in fp32."""
-        if self.device.type != "cuda":
+    def maybe_autocast(self):
+        """The ViT's forward in the dtype it is stored in (``model.vit_precision``): autocast on CUDA
+        when that is half precision (the images arrive in fp32); otherwise nothing. The trainable
+        path's autocast is the runner's (``run.amp``)."""
+        dtype = next(m.weight.dtype for m in self.visual_encoder.modules() if isinstance(m, nn.Linear))
+        if self.device.type != "cuda" or dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=dtype)
 
