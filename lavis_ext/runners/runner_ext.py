@@ -19,6 +19,7 @@ Run options it reads beyond LAVIS's are declared in :class:`lavis_ext.run_option
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -98,13 +99,17 @@ def find_latest_checkpoint(output_root: Path) -> Path | None:
 @registry.register_runner("runner_ext")
 class RunnerExt(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
-        self.options = RunOptions.from_run_cfg(cfg.run_cfg)
         super().__init__(cfg, task, model, datasets, job_id)
+        logger.info("run options: %s", self.options)  # bad values fail here, before anything runs
         self.start_iter = 0  # batches of ``start_epoch`` already trained (mid-epoch resume)
         self.global_step = 0
         self._train_sampler: EpochSampler | None = None
 
     # ------------------------------------------------------------------ set-up
+
+    @functools.cached_property
+    def options(self) -> RunOptions:
+        return RunOptions.from_run_cfg(self.config.run_cfg)
 
     def setup_output_dir(self):
         """Absolute output dirs, shared by all ranks (``job_id`` is decided on rank 0)."""
