@@ -233,6 +233,7 @@ def make_tiny_internlm2(
     rope_scaling: Mapping[str, Any] | None = DYNAMIC_NTK,
     rms_norm_eps: float = 1e-5,
     texts: Iterable[str] | None = None,
+    vocab_size: int = 384,
     seed: int = 0,
     sharded: bool = True,
     dtype: torch.dtype = torch.bfloat16,
@@ -245,11 +246,12 @@ def make_tiny_internlm2(
     otherwise the base model's (eos 2). ``sharded=False`` writes one ``model.safetensors``
     instead of the release's two shards, for tests that edit the weights file; ``dtype`` is the
     stored weight dtype (``config.json``'s ``torch_dtype`` follows it). The tokenizer is trained
-    on ``texts`` (default :data:`DEFAULT_TEXTS`) and the vocab size is its piece count. Weights
+    on ``texts`` (default :data:`DEFAULT_TEXTS`) with at most ``vocab_size`` pieces before the six
+    placeholders, and the config's vocab size is the model's piece count. Weights
     are deterministic in ``seed``.
     """
     dst = Path(dst_dir)
-    tokenizer_file = train_tiny_sentencepiece(dst, DEFAULT_TEXTS if texts is None else texts)
+    tokenizer_file = train_tiny_sentencepiece(dst, DEFAULT_TEXTS if texts is None else texts, vocab_size)
     vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
 
     config = {
