@@ -143,9 +143,10 @@ def check_options(cfg: Config, options: list[str]) -> None:
 
 
 def flat_keys(config, prefix: str = "") -> list[str]:
-    """Dotted paths of every key in ``config`` (a DictConfig), mappings included."""
+    """Dotted paths of every key in ``config`` (a DictConfig), mappings included; interpolations
+    are not resolved (an unset environment variable must not make a key unknown)."""
     keys = []
-    for key, value in config.items_ex(resolve=False) if hasattr(config, "items_ex") else config.items():
+    for key, value in config.items_ex(resolve=False):
         path = f"{prefix}{key}"
         keys.append(path)
         if OmegaConf.is_dict(value):

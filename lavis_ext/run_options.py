@@ -58,9 +58,8 @@ class RunOptions:
         if options.segmenter and options.segmenter not in SEGMENTERS:
             raise ConfigError(f"run.segmenter = {options.segmenter!r}: expected one of {list(SEGMENTERS)} "
                               "(Chinese captions), or no key (English)")
-        for name in ("accum_grad_iters",):
-            if getattr(options, name) < 1:
-                raise ConfigError(f"run.{name} = {getattr(options, name)}: expected 1 or more")
+        if options.accum_grad_iters < 1:
+            raise ConfigError(f"run.accum_grad_iters = {options.accum_grad_iters}: expected 1 or more")
         return options
 
 

@@ -84,7 +84,10 @@ USER_DEFINED_PIECE = 4  # sentencepiece_model.proto: SentencePiece.Type.USER_DEF
 
 def _serialized_piece(piece: str, score: float, piece_type: int) -> bytes:
     """One ``ModelProto.pieces`` entry in protobuf's wire format (field 1, length-delimited):
-    ``SentencePiece {piece = 1 (string), score = 2 (float), type = 3 (enum)}``."""
+    ``SentencePiece {piece = 1 (string), score = 2 (float), type = 3 (enum)}``. Lengths are
+    written as one varint byte, so the piece must be shorter than 100 bytes."""
+    if len(piece.encode("utf-8")) >= 100:
+        raise ValueError(f"piece {piece!r} is too long for a one-byte length")
     text = piece.encode("utf-8")
     body = b"\x0a" + bytes([len(text)]) + text + b"\x15" + struct.pack("<f", score) + b"\x18" + bytes([piece_type])
     return b"\x0a" + bytes([len(body)]) + body

@@ -31,7 +31,7 @@ from lavis_ext import offline
 from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, LLMTokens, encode_with_image
 from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, reading_weights
 from lavis_ext.constants import IGNORE_INDEX
-from lavis_ext.errors import CheckpointError
+from lavis_ext.errors import CheckpointError, ConfigError
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.tokenizer import IM_END
 from lavis_ext.models.lora import DEFAULT_TARGET_MODULES, add_lora, is_lora_parameter, lora_config
@@ -95,16 +95,16 @@ class Blip2InternLMConfig:
         values = {k: cfg[k] for k in cfg if k not in LOADING_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"model config: unknown keys {unknown}; blip2_internlm takes {sorted(known)}")
+            raise ConfigError(f"model config: unknown keys {unknown}; blip2_internlm takes {sorted(known)}")
         config = cls(**values)
         config.lora_target_modules = list(config.lora_target_modules)  # a ListConfig from the yaml
         if config.llm_cache not in LLM_CACHES:
-            raise ValueError(f"model.llm_cache = {config.llm_cache!r}: expected one of {list(LLM_CACHES)}")
+            raise ConfigError(f"model.llm_cache = {config.llm_cache!r}: expected one of {list(LLM_CACHES)}")
         if config.llm_dtype not in LLM_DTYPES:
-            raise ValueError(f"model.llm_dtype = {config.llm_dtype!r}: expected one of {sorted(LLM_DTYPES)}")
+            raise ConfigError(f"model.llm_dtype = {config.llm_dtype!r}: expected one of {sorted(LLM_DTYPES)}")
         if config.lora_rank < 0 or (config.lora_rank and not config.freeze_llm):
-            raise ValueError(f"model.lora_rank = {config.lora_rank}: expected 0 (no LoRA) or a positive rank "
-                             f"with freeze_llm True (LoRA trains adapters beside the frozen LLM)")
+            raise ConfigError(f"model.lora_rank = {config.lora_rank}: expected 0 (no LoRA) or a positive rank "
+                              f"with freeze_llm True (LoRA trains adapters beside the frozen LLM)")
         return config
 
 
