@@ -76,6 +76,8 @@ def test_bert_base_uncased_layout_loads_into_the_qformer(tmp_path, tiny_parts):
     FFNs start as copies of the text FFNs (``Blip2Qformer.__init__``); cross-attention is new."""
     bert = write_bert_base_uncased_layout(tmp_path / "bert")
     assert json.loads((bert / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    tokenizer = offline.build_bert_tokenizer(str(bert))
+    assert tokenizer.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 100, 101, 102, 103]
     saved = load_file(bert / "model.safetensors")
     before = offline.current()
     offline.configure({"bert_path": str(bert), "vit_path": str(tiny_parts["vit"])})

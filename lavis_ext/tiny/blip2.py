@@ -24,14 +24,22 @@ DEFAULT_TEXTS = (
 )
 
 
+# The head of bert-base-uncased's vocab.txt: [PAD] 0, [unused0..98] 1-99, [UNK] 100, [CLS] 101,
+# [SEP] 102, [MASK] 103 (its [unused99..993] that follow are left out).
+BERT_BASE_UNCASED_SPECIALS = ("[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# The shortcut the tests' and the demo's tiny BERT use: the five special tokens first.
+TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
 def make_tiny_bert(dst: str | Path, texts: Iterable[str] = DEFAULT_TEXTS,
                    hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
-                   intermediate_size: int = 64) -> Path:
-    """Write ``vocab.txt`` (a WordPiece vocabulary of ``texts``) and a tiny BERT ``config.json``.
+                   intermediate_size: int = 64, specials: Iterable[str] = TINY_SPECIALS) -> Path:
+    """Write ``vocab.txt`` (a WordPiece vocabulary of ``texts``) and a tiny BERT ``config.json``:
+    a shortcut, with no weights; :func:`write_bert_base_uncased_layout` is the real layout.
 
     The vocabulary is built, not trained, so it is the same in every run (the ``tokenizers``
-    WordPiece trainer is not deterministic: 196 or 197 entries from the same texts): the special
-    tokens, every character of the texts alone and as a ``##`` continuation, then every word.
+    WordPiece trainer is not deterministic: 196 or 197 entries from the same texts): ``specials``,
+    every character of the texts alone and as a ``##`` continuation, then every word.
     """
     from transformers.models.bert.tokenization_bert import BasicTokenizer
 
@@ -39,7 +47,7 @@ def make_tiny_bert(dst: str | Path, texts: Iterable[str] = DEFAULT_TEXTS,
     dst.mkdir(parents=True, exist_ok=True)
     words = sorted({word for text in texts for word in BasicTokenizer(do_lower_case=True).tokenize(text)})
     characters = sorted({character for word in words for character in word})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters),
+    vocab = [*specials, *characters, *(f"##{c}" for c in characters),
              *(word for word in words if len(word) > 1)]
     (dst / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     config = {
@@ -56,7 +64,8 @@ def make_tiny_bert(dst: str | Path, texts: Iterable[str] = DEFAULT_TEXTS,
 
 def make_tiny_vit(dst: str | Path, patch_size: int = 8, embed_dim: int = 32, depth: int = 2,
                   num_heads: int = 2, mlp_ratio: float = 2.0) -> Path:
-    """Write an EVA-ViT architecture ``config.json`` (random init: no ``model.pth``)."""
+    """Write an EVA-ViT architecture ``config.json`` (random init: no ``model.pth``): a shortcut that
+    :mod:`lavis_ext.offline` reads; the real weights layout is :func:`write_eva_vit_state_dict`."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
@@ -74,13 +83,14 @@ def write_bert_base_uncased_layout(dst: str | Path, seed: int = 0, **sizes) -> P
     ``model.safetensors`` holding ``BertForMaskedLM``'s keys (``bert.*``, ``cls.predictions.*``).
 
     Layout of the hub repository ``google-bert/bert-base-uncased`` (what ``blip2.py:32,48,54``
-    download), written by transformers' own ``BertForMaskedLM.save_pretrained``. ``sizes`` go to
+    download), written by transformers' own ``BertForMaskedLM.save_pretrained``; its vocabulary
+    starts as the real one does (:data:`BERT_BASE_UNCASED_SPECIALS`). ``sizes`` go to
     :func:`make_tiny_bert`.
     """
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    dst = make_tiny_bert(dst, **sizes)
+    dst = make_tiny_bert(dst, specials=BERT_BASE_UNCASED_SPECIALS, **sizes)
     config = json.loads((dst / "config.json").read_text())
     config["architectures"] = ["BertForMaskedLM"]
     (dst / "config.json").write_text(json.dumps(config, indent=2))
