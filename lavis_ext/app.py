@@ -24,9 +24,8 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from lavis_ext.chat import (  # noqa: E402
-    CAPTION_LANGUAGES, ChatModel, GenerationSettings, add_model_arguments, caption, model_from_args, report_errors,
-    stream_answer)
-from lavis_ext.cli import USER_ERRORS, error_line  # noqa: E402
+    CAPTION_LANGUAGES, ChatModel, GenerationSettings, add_model_arguments, caption, model_from_args, stream_answer)
+from lavis_ext.cli import USER_ERRORS, error_line, exit_on_bad_input  # noqa: E402
 from lavis_ext.datasets.base import DEFAULT_MAX_IMAGE_PIXELS, open_rgb_image  # noqa: E402
 
 TITLE = "BLIP-2 x InternLM2"
@@ -151,7 +150,7 @@ def serve(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    report_errors(lambda a: serve(parse_args(a)), argv)
+    exit_on_bad_input(lambda a: serve(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

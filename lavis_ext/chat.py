@@ -24,7 +24,6 @@ import os
 import queue
 import sys
 import threading
-import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from lavis_ext.cli import DEBUG_ENV, EXIT_BAD_INPUT, USER_ERRORS, error_line
+from lavis_ext.cli import DEBUG_ENV, USER_ERRORS, check_model_section, error_line, exit_on_bad_input
 from lavis_ext.datasets.base import DEFAULT_MAX_IMAGE_PIXELS, open_rgb_image
 from lavis_ext.errors import ConfigError
 from lavis_ext.text_zh import CAPTION_PROMPT_ZH
@@ -142,10 +141,8 @@ def load_chat_model(cfg_path: str | Path | None = None, model_type: str | None =
         project.model.model_type = model_type
     if project.model.arch != ARCH:
         raise ConfigError(f"model.arch = {project.model.arch!r} ({cfg_path}): the chat needs {ARCH!r}")
+    check_model_section(project.model, cfg_path or "--model-type")
     model_cls = registry.get_model_class(ARCH)
-    if project.model.model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
-        raise ConfigError(f"model type {project.model.model_type!r}: {ARCH} has the model types "
-                          f"{sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
     cfg = OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(project.model.model_type)).model, project.model)
     if checkpoint is not None:
         cfg.finetuned, cfg.load_finetuned = str(checkpoint), True
@@ -363,21 +360,8 @@ def run_terminal(args: argparse.Namespace, lines=sys.stdin, out=sys.stdout) -> N
         chat.say()
 
 
-def report_errors(run, argv: list[str] | None) -> None:
-    """``run(parse_args(argv))`` with bad input as one line, ``error: <message>``, and exit code 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    try:
-        run(argv)
-    except USER_ERRORS as exc:
-        if debug:
-            traceback.print_exc()
-        sys.stderr.write(f"error: {error_line(exc)}\n")
-        sys.exit(EXIT_BAD_INPUT)
-
-
 def main(argv: list[str] | None = None) -> None:
-    report_errors(lambda a: run_terminal(parse_args(a)), argv)
+    exit_on_bad_input(lambda a: run_terminal(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -79,14 +79,19 @@ def check_model(cfg_path: str, options: list[str]) -> None:
     of its types; LAVIS's own checks are bare asserts (``config.py:62,69``, ``base_model.py:76-78``)."""
     project = OmegaConf.load(cfg_path)
     overrides = OmegaConf.from_dotlist([o for o in options if "=" in o])
-    model = OmegaConf.merge(project.get("model") or {}, overrides.get("model") or {})
+    check_model_section(OmegaConf.merge(project.get("model") or {}, overrides.get("model") or {}), cfg_path)
+
+
+def check_model_section(model, source) -> None:
+    """A ``model`` section's ``arch`` is a registered model and its ``model_type`` one of that
+    model's types; ``source`` (the yaml, or the flag) is named in the error."""
     arch, model_type = model.get("arch"), model.get("model_type")
     model_cls = registry.get_model_class(arch) if arch else None
     if model_cls is None:
-        raise ConfigError(f"model.arch = {arch!r} ({cfg_path}): not a registered model; "
+        raise ConfigError(f"model.arch = {arch!r} ({source}): not a registered model; "
                           f"registered: {sorted(registry.mapping['model_name_mapping'])}")
     if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
-        raise ConfigError(f"model.model_type = {model_type!r} ({cfg_path}): {arch} has the model types "
+        raise ConfigError(f"model.model_type = {model_type!r} ({source}): {arch} has the model types "
                           f"{sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
 
 
@@ -231,24 +236,39 @@ def main(argv: list[str] | None, evaluate: bool):
     torchrun stops this one meanwhile, and only the first failure is reported.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return exit_on_bad_input(lambda a: run(a, evaluate), argv)
     try:
         return run(argv, evaluate)
     except Exception as exc:
         bad_input = isinstance(exc, USER_ERRORS)
-        if launched and (os.environ.get("RANK", "0") != "0" or not bad_input):
+        if os.environ.get("RANK", "0") != "0" or not bad_input:
             time.sleep(PEER_GRACE_S)
         if not bad_input:
             raise
-        if debug:
-            traceback.print_exc()
-        sys.stderr.write(f"error: {error_line(exc)}\n")
-        sys.stderr.flush()
-        if launched:  # tearing down the process group can take seconds; gone now, torchrun stops the rest
-            sys.stdout.flush()
-            os._exit(EXIT_BAD_INPUT)
+        write_error_line(exc, argv)
+        sys.stdout.flush()  # tearing down the process group can take seconds; gone now, torchrun stops the rest
+        os._exit(EXIT_BAD_INPUT)
+
+
+def exit_on_bad_input(run_argv, argv: list[str] | None):
+    """``run_argv(argv)`` in one process (the entry points' ``main``), with bad input reported by
+    :func:`write_error_line` and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run_argv(argv)
+    except USER_ERRORS as exc:
+        write_error_line(exc, argv)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def write_error_line(exc: BaseException, argv: list[str]) -> None:
+    """``error: <message>`` on stderr, after the traceback with ``--debug`` or ``LAVIS_EXT_DEBUG=1``
+    (call it while ``exc`` is being handled)."""
+    if "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exc()
+    sys.stderr.write(f"error: {error_line(exc)}\n")
+    sys.stderr.flush()
 
 
 def error_line(exc: BaseException) -> str:

@@ -52,8 +52,8 @@ from PIL import Image
 import lavis_ext  # noqa: F401  (patches LAVIS, registers blip2_internlm)
 from lavis.common.config import Config
 from lavis.common.registry import registry
-from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights
-from lavis_ext.cli import EXIT_BAD_INPUT, USER_ERRORS, check_model
+from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, temporary_path
+from lavis_ext.cli import check_model, exit_on_bad_input
 from lavis_ext.errors import ConfigError
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLM, Blip2InternLMConfig
 from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN
@@ -457,7 +457,7 @@ def export(model: Blip2InternLM, out: Path, training_config: dict, checkpoint: s
     state_dict = hf_state_dict(model, llm, config.text_config.vocab_size)
     check_keys(config, state_dict)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    staging = temporary_path(out, str(os.getpid()))
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
@@ -711,11 +711,7 @@ def run(args: argparse.Namespace) -> VerifyReport | None:
 def main(argv: list[str] | None = None) -> VerifyReport | None:
     """:func:`run`; bad input ends in one line, ``error: <message>``, and exit code 2, and a
     failed ``--verify`` in exit code 1."""
-    try:
-        report = run(parse_args(argv))
-    except USER_ERRORS as exc:
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
-        raise SystemExit(EXIT_BAD_INPUT) from exc
+    report = exit_on_bad_input(lambda a: run(parse_args(a)), argv)
     if report is not None and not report.ok:
         raise SystemExit(1)
     return report
