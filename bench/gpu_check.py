@@ -30,7 +30,6 @@ from common import BENCH_DIR, SIZES, captions, checkpoint_dirs, describe_run, im
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
-from lavis_ext import offline
 
 REPO = BENCH_DIR.parent
 PEAK_MEMORY_GOAL_GIB = 22.0
@@ -80,10 +79,9 @@ def stage1_row(s: dict) -> dict:
     """Stage 1 (no HF counterpart): ``blip2_qformer_ext`` with the size's ViT and Q-Former, AdamW step."""
     d, device = SIZES[s["size"]], torch.device(s["device"])
     dirs = checkpoint_dirs(s["size"], device)
-    offline.configure({"bert_path": str(dirs["bert"]), "vit_path": str(dirs["vit"])})
     torch.manual_seed(0)
     model = registry.get_model_class("blip2_qformer_ext").from_config(OmegaConf.create(dict(
-        vit_model="eva_clip_g", image_size=d.image_size, num_query_token=d.num_query,
+        bert_path=str(dirs["bert"]), vit_path=str(dirs["vit"]), vit_model="eva_clip_g", image_size=d.image_size, num_query_token=d.num_query,
         vit_precision="fp16" if device.type == "cuda" else "fp32", freeze_vit=True, load_finetuned=False,
         pretrained=""))).to(device)
     model.train()

@@ -40,7 +40,6 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, init_distributed_mode, is_dist_avail_and_initialized
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
-from lavis_ext import offline
 from lavis_ext.datasets.base import set_max_image_pixels
 from lavis_ext.errors import ConfigError, LavisExtError
 from lavis_ext.run_options import RunOptions, nearest
@@ -201,7 +200,6 @@ def run(argv: list[str] | None, evaluate: bool):
         run_cfg.resume_ckpt_path = args.resume
     if evaluate:
         run_cfg.evaluate = True
-    offline.configure(cfg.model_cfg)
 
     from lavis.tasks import setup_task
 

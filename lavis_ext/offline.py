@@ -21,14 +21,19 @@ model config key   environment variable        what it points at
 =================  ==========================  =========================================
 
 The model config key wins (``--options model.bert_path=DIR``); the environment variable is
-the default. Stock LAVIS models (``blip2``, ``blip2_opt`` ...) read the process-wide
-settings, which ``train.py``/``evaluate.py`` take from the model config.
+the default. Every model takes them from its own config: lavis-ext's models read the keys
+directly; stock LAVIS models (``blip2``, ``blip2_opt`` ...) build their parts in methods that
+take no config, so :mod:`patches.offline_blip2` runs their ``from_config`` inside
+:func:`building_from`, which holds the config's paths for that one build.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -68,33 +73,40 @@ def _from_env(key: str) -> str:
     return field(default_factory=lambda: os.environ.get(ENV_VARS[key], ""))
 
 
-@dataclass
+@dataclass(frozen=True)
 class LocalWeights:
     """Where BLIP-2's shared parts come from. Empty ``vit_path`` means random init."""
 
     bert_path: str = _from_env("model.bert_path")
     vit_path: str = _from_env("model.vit_path")
 
+    @classmethod
+    def from_config(cls, model_cfg) -> LocalWeights:
+        """``bert_path``/``vit_path`` of ``model_cfg`` where set, else their environment variables."""
+        values = {f.name: str(model_cfg.get(f.name)) for f in fields(cls) if model_cfg.get(f.name) is not None}
+        return cls(**values)
+
     def describe(self, key: str) -> str:
         return describe_key(f"model.{key}")
 
 
-_current = LocalWeights()
+_building: ContextVar[LocalWeights | None] = ContextVar("lavis_ext_building", default=None)
 
 
-def current() -> LocalWeights:
-    return _current
+@contextmanager
+def building_from(model_cfg) -> Iterator[LocalWeights]:
+    """The paths of ``model_cfg`` for the stock BLIP-2 model that builds from it inside this block."""
+    token = _building.set(LocalWeights.from_config(model_cfg))
+    try:
+        yield _building.get()
+    finally:
+        _building.reset(token)
 
 
-def configure(model_cfg) -> LocalWeights:
-    """Take ``bert_path``/``vit_path`` from a model config (if present) as the process-wide paths."""
-    global _current
-    values = {f.name: getattr(_current, f.name) for f in fields(LocalWeights)}
-    for key in values:
-        if model_cfg.get(key) is not None:
-            values[key] = str(model_cfg.get(key))
-    _current = LocalWeights(**values)
-    return _current
+def weights_in_build() -> LocalWeights:
+    """The paths of the model being built; a stock model constructed without ``from_config``
+    (``Blip2Qformer(...)``) has no config, and gets the environment variables'."""
+    return _building.get() or LocalWeights()
 
 
 def require_dir(path: str, key: str, must_contain: tuple[str, ...] = ()) -> Path:

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from fresh import REPO, child_pids, run_python, torchrun  # noqa: F401  (the tests import them from here)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -47,44 +44,6 @@ def tiny_env(tiny_parts, tiny_coco) -> dict[str, str]:
                TINY_COCO_ANN=str(tiny_coco), TINY_COCO_IMAGES=str(tiny_coco.parent / "images"),
                OMP_NUM_THREADS="1")
     return env
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux ``/proc``)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def run_python(args: list[str], env: dict[str, str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python ARGS`` with captured output. A run that hangs past ``timeout`` fails with the
-    Python stacks of its ranks (``SIGUSR1``, see ``lavis_ext.cli``) and its output's tail."""
-    process = subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in child_pids(process.pid) or [process.pid]:  # torchrun's workers, or the process
-            os.kill(pid, signal.SIGUSR1)
-        time.sleep(1)  # the stacks end the output
-        for pid in child_pids(process.pid):
-            os.kill(pid, signal.SIGKILL)
-        process.kill()
-        stdout, stderr = process.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(args)}\n--- stdout\n{stdout[-3000:]}\n"
-                    f"--- stderr (with the ranks' stacks)\n{stderr[-12000:]}", pytrace=False)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def torchrun(args: list[str], env: dict[str, str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_python(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args],
-                      env, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -92,15 +92,12 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
 
 @pytest.fixture
 def paths_env(monkeypatch, tiny_parts, tiny_llm):
-    """The tiny parts' paths in the environment, and lavis_ext.offline's process-wide paths taken afresh."""
-    from lavis_ext import offline
-
+    """The tiny parts' paths in the environment."""
     for name, value in (("LAVIS_EXT_BERT", tiny_parts["bert"]), ("LAVIS_EXT_VIT", tiny_parts["vit"]),
                         ("LAVIS_EXT_TINY_LLM", tiny_llm)):
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("LAVIS_EXT_STAGE1_CKPT", raising=False)
     monkeypatch.delenv("LAVIS_EXT_DEBUG", raising=False)
-    monkeypatch.setattr(offline, "_current", offline.LocalWeights())
 
 
 @pytest.fixture
@@ -284,10 +281,7 @@ def test_python_users_of_load_model_learn_the_variable(paths_env, monkeypatch):
     """``load_model`` outside train.py: the message names the key and the variable that sets it."""
     from lavis.models import load_model
 
-    from lavis_ext import offline
-
     monkeypatch.delenv("LAVIS_EXT_BERT")  # the tiny ViT stays: the full EVA ViT-g would take seconds to build
-    monkeypatch.setattr(offline, "_current", offline.LocalWeights())
     with pytest.raises(LocalPathError, match=r"model.bert_path \(env LAVIS_EXT_BERT\) is not set"):
         load_model("blip2_internlm", "pretrain_internlm2_1_8b")
 
@@ -412,10 +406,8 @@ def test_nan_similarities_reach_the_loss_not_multinomial(tiny_parts, paths_env):
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
-    from lavis_ext import offline
-
-    offline.configure({"bert_path": str(tiny_parts["bert"]), "vit_path": str(tiny_parts["vit"])})
-    model = registry.get_model_class("blip2_qformer_ext").from_config(OmegaConf.create(STAGE1_MODEL))
+    paths = {"bert_path": str(tiny_parts["bert"]), "vit_path": str(tiny_parts["vit"])}
+    model = registry.get_model_class("blip2_qformer_ext").from_config(OmegaConf.create({**STAGE1_MODEL, **paths}))
     with torch.no_grad():
         model.query_tokens.fill_(float("nan"))
     out = model({"image": torch.randn(4, 3, SIZE, SIZE), "text_input": ["a red circle", "a blue square"] * 2})

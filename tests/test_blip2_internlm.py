@@ -186,12 +186,11 @@ def test_unexpected_key_in_checkpoint_is_refused(model, tmp_path):
 def stage1_checkpoint(tmp_path, tiny_parts, arch: str = "blip2"):
     """A stage-1 checkpoint of the same tiny sizes, as LAVIS's runner writes it (buffers included)."""
     from omegaconf import OmegaConf
-    from lavis_ext import offline
     from lavis_ext.tiny.blip2 import write_lavis_checkpoint
 
-    offline.configure({"bert_path": str(tiny_parts["bert"]), "vit_path": str(tiny_parts["vit"])})
     cfg = OmegaConf.create(dict(vit_model="eva_clip_g", image_size=32, num_query_token=N_QUERY, vit_precision="fp32",
-                                freeze_vit=True, load_finetuned=False, pretrained=""))
+                                freeze_vit=True, load_finetuned=False, pretrained="", bert_path=str(tiny_parts["bert"]),
+                                vit_path=str(tiny_parts["vit"])))
     stage1 = registry.get_model_class(arch).from_config(cfg)
     with torch.no_grad():
         stage1.query_tokens.add_(1.0)  # unlike any fresh initialisation

@@ -45,17 +45,13 @@ def tiny_cfg(**overrides):
 @pytest.fixture(scope="module")
 def build(tiny_parts):
     from lavis.common.registry import registry
-    from lavis_ext import offline
-
-    before = offline.current()
-    offline.configure({"bert_path": str(tiny_parts["bert"]), "vit_path": str(tiny_parts["vit"])})
 
     def build(name="blip2_qformer_ext", **overrides):
         torch.manual_seed(0)
-        return registry.get_model_class(name).from_config(tiny_cfg(**overrides))
+        paths = {"bert_path": str(tiny_parts["bert"]), "vit_path": str(tiny_parts["vit"])}
+        return registry.get_model_class(name).from_config(tiny_cfg(**paths, **overrides))
 
-    yield build
-    offline.configure({"bert_path": before.bert_path, "vit_path": before.vit_path})
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +241,11 @@ DDP_SCRIPT = textwrap.dedent('''
     import lavis_ext  # patches first: before anything imports lavis
     from omegaconf import OmegaConf
     from lavis.common.registry import registry
-    from lavis_ext import offline
     from lavis_ext.models.blip2_models.blip2_qformer_ids import itm_negative_weights
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    offline.configure({"bert_path": os.environ["LAVIS_EXT_BERT"], "vit_path": os.environ["LAVIS_EXT_VIT"]})
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the tiny BERT and ViT: LAVIS_EXT_BERT/LAVIS_EXT_VIT, the paths' defaults
     cfg = OmegaConf.create(dict(vit_model="eva_clip_g", image_size=32, num_query_token=4, vit_precision="fp32",
                                 freeze_vit=True, load_finetuned=False, pretrained=""))
     model = registry.get_model_class("blip2_qformer_ext").from_config(cfg)

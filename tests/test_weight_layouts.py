@@ -79,14 +79,10 @@ def test_bert_base_uncased_layout_loads_into_the_qformer(tmp_path, tiny_parts):
     tokenizer = offline.build_bert_tokenizer(str(bert))
     assert tokenizer.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 100, 101, 102, 103]
     saved = load_file(bert / "model.safetensors")
-    before = offline.current()
-    offline.configure({"bert_path": str(bert), "vit_path": str(tiny_parts["vit"])})
-    try:
-        cfg = OmegaConf.create(dict(vit_model="eva_clip_g", image_size=32, num_query_token=4, vit_precision="fp32",
-                                    freeze_vit=True, load_finetuned=False, pretrained=""))
-        qformer = registry.get_model_class("blip2").from_config(cfg).Qformer.state_dict()
-    finally:
-        offline.configure({"bert_path": before.bert_path, "vit_path": before.vit_path})
+    cfg = OmegaConf.create(dict(vit_model="eva_clip_g", image_size=32, num_query_token=4, vit_precision="fp32",
+                                freeze_vit=True, load_finetuned=False, pretrained="", bert_path=str(bert),
+                                vit_path=str(tiny_parts["vit"])))
+    qformer = registry.get_model_class("blip2").from_config(cfg).Qformer.state_dict()
     for key in ("bert.encoder.layer.1.attention.self.query.weight", "bert.encoder.layer.0.output.dense.bias",
                 "bert.embeddings.LayerNorm.weight", "cls.predictions.transform.dense.weight"):
         assert torch.equal(qformer[key], saved[key]), key

@@ -51,6 +51,7 @@ from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutput, BlipSimilarity
 
+from lavis_ext import offline
 from lavis_ext.checkpoint import load_checkpoint_file, load_state_dict_named, model_weights
 
 logger = logging.getLogger(__name__)
@@ -330,18 +331,20 @@ class Blip2QformerIds(Blip2Qformer):
 
     @classmethod
     def from_config(cls, cfg):
-        """Stock ``Blip2Qformer.from_config`` (``blip2_qformer.py:483-510``), plus ``embed_dim``."""
-        model = cls(
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            img_size=cfg.get("image_size"),
-            drop_path_rate=cfg.get("drop_path_rate", 0),
-            use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
-            vit_precision=cfg.get("vit_precision", "fp16"),
-            freeze_vit=cfg.get("freeze_vit", True),
-            num_query_token=cfg.get("num_query_token"),
-            cross_attention_freq=cfg.get("cross_attention_freq", 2),
-            embed_dim=cfg.get("embed_dim", 256),
-            max_txt_len=cfg.get("max_txt_len", 32),
-        )
+        """Stock ``Blip2Qformer.from_config`` (``blip2_qformer.py:483-510``), plus ``embed_dim``; the
+        BERT and ViT come from ``cfg``'s ``bert_path``/``vit_path`` (:func:`offline.building_from`)."""
+        with offline.building_from(cfg):
+            model = cls(
+                vit_model=cfg.get("vit_model", "eva_clip_g"),
+                img_size=cfg.get("image_size"),
+                drop_path_rate=cfg.get("drop_path_rate", 0),
+                use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
+                vit_precision=cfg.get("vit_precision", "fp16"),
+                freeze_vit=cfg.get("freeze_vit", True),
+                num_query_token=cfg.get("num_query_token"),
+                cross_attention_freq=cfg.get("cross_attention_freq", 2),
+                embed_dim=cfg.get("embed_dim", 256),
+                max_txt_len=cfg.get("max_txt_len", 32),
+            )
         model.load_checkpoint_from_config(cfg)
         return model
