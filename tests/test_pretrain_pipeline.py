@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,20 +62,40 @@ def test_stage2_single_process_two_iterations(tiny_env, tiny_llm, tiny_coco, tmp
     assert len(losses(tmp_path / "out")) == 2
 
 
+SCRIPTS = sorted((REPO / "run_scripts" / "blip2").glob("*/*.sh"))
+RENDEZVOUS = '--rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-0}"'
+
+
+def test_every_script_launches_on_a_free_port_with_a_yaml_that_exists():
+    """Each script runs torchrun with a port-0 rendezvous, or hands over to a script that does; its
+    default project yaml exists."""
+    assert {"pretrain_stage1.sh", "pretrain_stage2_internlm.sh"} <= {script.name for script in SCRIPTS}
+    for script in SCRIPTS:
+        text = script.read_text()
+        launches = text.count("-m torch.distributed.run")
+        handed_to = re.findall(r'exec bash "\$\(dirname "\$0"\)/([\w.]+)"', text)
+        assert (launches == 1 and RENDEZVOUS in text) or (not launches and handed_to), script.name
+        for name in handed_to:
+            assert RENDEZVOUS in (script.parent / name).read_text(), f"{script.name} -> {name}"
+        (default_yaml,) = re.findall(r"CFG_PATH:-([^}]+)}", text)
+        assert (REPO / default_yaml).is_file(), f"{script.name}: {default_yaml}"
+
+
 def test_scripts_launch_together_beside_a_job_on_the_usual_port():
-    """Jobs sharing a machine: every script's rendezvous takes a free port (torchrun's usual 29500 is held)."""
+    """Jobs sharing a machine: each script's rendezvous takes a free port (torchrun's usual 29500 is
+    held). The two pretraining scripts and a script that hands over to another start at once."""
     env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1"}
+    scripts = [REPO / "run_scripts/blip2/train/pretrain_stage1.sh", REPO / "run_scripts/blip2/train/pretrain_stage2_internlm.sh",
+               REPO / "run_scripts/blip2/eval/caption_coco_cn_internlm2.sh"]
     with socket.socket() as other_job:
         try:
             other_job.bind(("127.0.0.1", 29500))
             other_job.listen()
         except OSError:
             pass  # another job holds it already: the same situation
-        scripts = sorted((REPO / "run_scripts" / "blip2").glob("*/*.sh"))
         launches = [subprocess.Popen(["bash", str(script), "--help"], cwd=REPO, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in scripts]
         results = [(script.name, launch.communicate(timeout=300), launch.returncode)
                    for script, launch in zip(scripts, launches)]
-    assert {"pretrain_stage1.sh", "pretrain_stage2_internlm.sh"} <= {name for name, _, _ in results}
     for name, (stdout, stderr), returncode in results:
         assert returncode == 0 and "--cfg-path" in stdout, f"{name}:\n{stderr[-3000:]}"
