@@ -106,10 +106,23 @@ def check_output_dir(run_cfg) -> None:
                           f"({exc.strerror or exc}: {exc.filename or root})") from exc
 
 
+def model_defaults(model_cfg):
+    """The registered model's config dataclass (``config_class``: its keys and defaults), or None
+    for models that take their keys from the yaml alone (stock LAVIS)."""
+    model_cls = registry.get_model_class(model_cfg.get("arch") or "")
+    return getattr(model_cls, "config_class", None)
+
+
+def model_image_size(model_cfg) -> int | None:
+    """``model.image_size``, or the model's default where the yaml leaves it out."""
+    defaults = model_defaults(model_cfg)
+    return model_cfg.get("image_size", defaults.image_size if defaults else None)
+
+
 def check_image_sizes(model_cfg, datasets: dict) -> None:
     """Each dataset's image processor yields ``model.image_size`` images (a mismatch would fail in
     the ViT at the first forward). Random processors run without disturbing the RNG streams."""
-    size = model_cfg.get("image_size")
+    size = model_image_size(model_cfg)
     if size is None:
         return
     size = int(size)
@@ -135,8 +148,10 @@ def check_options(cfg: Config, options: list[str]) -> None:
     project = OmegaConf.load(cfg.args.cfg_path)
     merged = OmegaConf.merge(Config.build_runner_config(project), Config.build_model_config(project),
                              Config.build_dataset_config(project))
+    defaults = model_defaults(merged.model)
     known = {*flat_keys(merged), *(f"run.{key}" for key in RUN_KEYS),
-             *(f"model.{key}" for key in ("bert_path", "vit_path", "pretrained", "finetuned"))}
+             *(f"model.{key}" for key in ("bert_path", "vit_path", "pretrained", "finetuned")),
+             *(f"model.{f.name}" for f in (fields(defaults) if defaults else ()))}
     for option in options:
         key = option.split("=", 1)[0]
         if "=" not in option:

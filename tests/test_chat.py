@@ -177,7 +177,7 @@ def test_cli_answers_as_evaluate_predicts_with_the_demo_yaml(tiny_model_env, tmp
     run = OmegaConf.load(VQA_YAML).run
     sample = {"image": chat_cli.read_image(image_file, loaded.processor)[None], "text_input": ["what colour is it?"]}
     expected = loaded.model.predict_answers(sample, num_beams=run.num_beams, max_len=run.max_len,
-                                            min_len=run.min_len, length_penalty=run.length_penalty, prompt=run.prompt)
+                                            min_len=run.min_len, length_penalty=run.length_penalty, prompt=run.get("prompt", ""))
     assert sample["image"].shape[-1] == 64  # the yaml's image size
     assert lines[-2:] == [expected[0], ""]
 
@@ -186,7 +186,8 @@ def test_generation_settings_are_the_eval_yamls():
     run = OmegaConf.load(VQA_YAML).run
     settings = chat_cli.GenerationSettings.from_run_config(run)
     assert (settings.num_beams, settings.max_new_tokens, settings.min_new_tokens, settings.length_penalty,
-            settings.template) == (run.num_beams, run.max_len, run.min_len, run.length_penalty, run.prompt)
+            settings.template) == (run.num_beams, run.max_len, run.min_len, run.length_penalty, None)
+    assert "prompt" not in run  # the model's qa_prompt asks the questions
 
 
 def test_cli_commands_and_bad_images(tiny_model_env, tmp_path):

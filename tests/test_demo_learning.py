@@ -11,8 +11,9 @@ from lavis_ext.tiny.pretrain_llm import pack_wqkv, pretrain_tiny_llm, save_inter
 
 # shortened demo: fewer images and steps than `make demo`, same code path
 SHORT_WORLD = {"train": 2000, "val": 50, "test": 120}
-SHORT_STAGE1 = ["run.max_epoch=1", "run.max_iters=30"]
-SHORT_STAGE2 = ["run.max_epoch=20", "run.max_iters=400", "run.warmup_steps=10"]  # 31 iterations an epoch
+SHORT_ASSETS = {"llm_steps": 300, "vit_steps": 80}
+SHORT_STAGE1 = ["run.max_epoch=1", "run.max_iters=15"]
+SHORT_STAGE2 = ["run.max_epoch=20", "run.max_iters=260", "run.warmup_steps=10"]  # 31 iterations an epoch
 
 
 def test_pack_wqkv_inverts_split_wqkv():
@@ -53,7 +54,7 @@ def test_stage0_learns_the_world_text(tmp_path):
 def test_short_demo_learns_captions_and_zero_shot_vqa(tmp_path, monkeypatch):
     from lavis_ext.demo import demo_env, evaluate, make_assets, train_stages
 
-    assets = make_assets(tmp_path, llm_steps=400, vit_steps=100, world_sizes=SHORT_WORLD)
+    assets = make_assets(tmp_path, world_sizes=SHORT_WORLD, **SHORT_ASSETS)
     env = demo_env(tmp_path, assets)
     jobs = train_stages(tmp_path, env, SHORT_STAGE1, SHORT_STAGE2)
     for name, value in env.items():  # the caption evaluation builds the model from the demo yaml, as the demo does

@@ -63,10 +63,11 @@ def blind_model(tiny_parts, tiny_llm, tmp_path_factory):
 
 
 def known_answer(model, yaml: str, question: str) -> str:
-    """The blind model's answer, asked as evaluate.py asks it (the yaml's prompt, the processed question)."""
+    """The blind model's answer, asked as evaluate.py asks it (the yaml's prompt where it sets one, else the
+    model's ``qa_prompt``; the processed question)."""
     run = OmegaConf.load(EVAL_DIR / yaml).run
     answer = model.predict_answers({"image": torch.zeros(1, 3, 32, 32), "text_input": [BlipQuestionProcessor()(question)]},
-                                   prompt=run.prompt, length_penalty=run.length_penalty, **GENERATION)[0]
+                                   prompt=run.get("prompt", ""), length_penalty=run.length_penalty, **GENERATION)[0]
     normalised = official_normalisation(answer)
     assert normalised and normalised not in FILLERS, f"pick other fillers: the blind answer is {answer!r}"
     return normalised

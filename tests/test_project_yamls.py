@@ -5,6 +5,7 @@ model knows, writes to its own ``run.output_dir`` and feeds its model images of 
 """
 from __future__ import annotations
 
+import dataclasses
 from argparse import Namespace
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,9 @@ from lavis.common.config import Config
 from omegaconf import OmegaConf
 
 from conftest import REPO
+from lavis_ext.cli import model_image_size
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLMConfig
+from lavis_ext.run_options import RunOptions
 
 PROJECTS = sorted((REPO / "lavis_ext" / "projects").rglob("*.yaml"))
 LAUNCHERS = ("bash run_scripts/", "python train.py", "python evaluate.py", "python -m lavis_ext")
@@ -35,7 +38,7 @@ def processor_sizes(config: Config) -> dict[str, int]:
 
 
 def image_size_mismatches(config: Config) -> list[str]:
-    model_size = config.model_cfg.image_size
+    model_size = model_image_size(config.model_cfg)
     return [f"{key} = {size} but model.image_size = {model_size}"
             for key, size in processor_sizes(config).items() if size != model_size]
 
@@ -66,3 +69,25 @@ def test_a_processor_of_another_size_is_found(tmp_path: Path) -> None:
     OmegaConf.save(project, changed)
     assert image_size_mismatches(load(changed)) == [
         f"datasets.{first}.vis_processor.train.image_size = 364 but model.image_size = 224"]
+
+
+MODEL_YAMLS = sorted((REPO / "lavis_ext" / "configs" / "models").rglob("*internlm*.yaml"))
+
+
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.name)
+def test_model_yaml_sets_only_what_differs_from_the_dataclass(path: Path) -> None:
+    """Defaults live in ``Blip2InternLMConfig``; a model yaml repeating one would be a second copy to drift."""
+    model = OmegaConf.load(path).model
+    defaults = Blip2InternLMConfig()
+    repeated = [key for key in model if hasattr(defaults, key) and key not in ("llm_path", "bert_path", "vit_path")
+                and model[key] == getattr(defaults, key)]
+    assert repeated == [], f"{path.name} repeats the defaults of {repeated}"
+
+
+@pytest.mark.parametrize("path", PROJECTS, ids=lambda p: str(p.relative_to(REPO / "lavis_ext" / "projects")))
+def test_project_run_section_sets_only_what_differs_from_run_options(path: Path) -> None:
+    """``RunOptions`` holds each run option's default once; a yaml repeating one would be a second copy."""
+    run = OmegaConf.load(path).get("run", {})
+    defaults = {f.name: f.default for f in dataclasses.fields(RunOptions)}
+    repeated = [key for key in run if key in defaults and run[key] == defaults[key]]
+    assert repeated == [], f"{path.name} repeats the run option defaults of {repeated}"

@@ -28,12 +28,13 @@ from transformers import LlamaForCausalLM
 
 from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.datasets.synthetic import read_world_file
+from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLMConfig
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.conversion import LAYER_NAMES, TOP_LEVEL_NAMES
 from lavis_ext.text_zh import CAPTION_PROMPT_ZH
 from lavis_ext.tiny.internlm2 import make_tiny_internlm2, write_internlm2_safetensors
 
-QA_PROMPT = "Question: {} Short answer:"  # blip2_internlm's default qa_prompt
+QA_PROMPT = Blip2InternLMConfig.qa_prompt  # the question prompt stage 2 asks with
 # 512 pieces: 256 of them are byte pieces, and the rest must hold the Chinese characters as well as
 # English words (with 384, examples were 37 tokens long on average, 23 with 512)
 LLM_SIZES = {"vocab_size": 512, "hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,

@@ -102,7 +102,7 @@ TOKEN_PROBES = (
     "tab\tseparated", "line one\nline two", "\n\nnewlines first", "", " ", "emoji 🙂 and ümlauts",
     "<s>bos in text", "a</s>b", "<|im_start|>user\nhi<|im_end|>\n", "text<|im_end|>more text",
     "<|action_start|><|plugin|>tool<|action_end|>", "<|interpreter|> code", "<unk> unknown",
-    "a photo of", "Question: how many circles are there? Short answer:",
+    "a photo of", Blip2InternLMConfig.qa_prompt.format("how many circles are there?"),
 )
 CHAT_PROBES = (
     [{"role": "user", "content": "What is in the image?"}],

@@ -112,6 +112,7 @@ class Blip2InternLMConfig:
 class Blip2InternLM(Blip2Base):
     """BLIP-2 stage 2: frozen ViT -> Q-Former -> ``llm_proj`` -> frozen InternLM2 (as Llama)."""
 
+    config_class = Blip2InternLMConfig  # the model keys and their defaults; the yamls carry what differs
     PRETRAINED_MODEL_CONFIG_DICT = {  # absolute: LAVIS joins relative paths onto its own package
         "pretrain_internlm2_1_8b": str(CONFIG_DIR / "blip2_pretrain_internlm2_1_8b.yaml"),
         "pretrain_internlm2_chat_1_8b": str(CONFIG_DIR / "blip2_pretrain_internlm2_chat_1_8b.yaml"),
