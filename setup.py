@@ -18,7 +18,9 @@ setup(
     name="lavis-ext",
     version="0.1.0",
     description="BLIP-2 with InternLM2 language models, as an extension of Salesforce LAVIS 1.0.2",
-    packages=find_packages(include=["lavis_ext", "lavis_ext.*", "patches"]),
+    # the fixes to LAVIS live in patches/ and install as lavis_ext_patches, not under a name any project may use
+    packages=[*find_packages(include=["lavis_ext", "lavis_ext.*"]), "lavis_ext_patches"],
+    package_dir={"lavis_ext_patches": "patches"},
     package_data={"lavis_ext": ["configs/**/*.yaml", "projects/**/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["torch==2.13.0", "salesforce-lavis==1.0.2", *pinned_requirements()],

@@ -1,6 +1,6 @@
 """lavis-ext: BLIP-2 with InternLM2 on top of salesforce-lavis 1.0.2.
 
-``import lavis_ext`` applies the documented fixes in :mod:`patches` (before LAVIS is
+``import lavis_ext`` applies the documented fixes in ``patches/`` (before LAVIS is
 imported) and registers lavis-ext's models, builders, tasks and runner in LAVIS's registry.
 LAVIS's own models keep working as before.
 """
@@ -9,7 +9,7 @@ import warnings
 # timm 1.x warns on every LAVIS import of its old module paths; the paths still work.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\.")
 
-import patches as _patches  # noqa: E402
+import lavis_ext_patches as _patches  # noqa: E402  (the patches/ directory)
 
 _patches.apply_all()
 

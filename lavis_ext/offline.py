@@ -23,7 +23,7 @@ model config key   environment variable        what it points at
 The model config key wins (``--options model.bert_path=DIR``); the environment variable is
 the default. Every model takes them from its own config: lavis-ext's models read the keys
 directly; stock LAVIS models (``blip2``, ``blip2_opt`` ...) build their parts in methods that
-take no config, so :mod:`patches.offline_blip2` runs their ``from_config`` inside
+take no config, so ``patches/offline_blip2.py`` runs their ``from_config`` inside
 :func:`building_from`, which holds the config's paths for that one build.
 """
 from __future__ import annotations
@@ -207,7 +207,7 @@ def build_vision_encoder(vit_model: str, vit_path: str, img_size: int, drop_path
     """EVA-ViT-g or CLIP-L, from a local weight file, a config directory, or random init.
 
     ``precision="fp16"`` converts the linear/conv weights as LAVIS does (``eva_vit.py:439``);
-    :mod:`patches.cpu_fp16` keeps them fp32 where there is no CUDA.
+    ``patches/cpu_fp16.py`` keeps them fp32 where there is no CUDA.
     """
     from lavis.models import eva_vit
 

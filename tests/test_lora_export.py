@@ -16,8 +16,8 @@ from test_lora import build, trainable_state, trained_step
 # the environment's: the CPU torch here cannot import the CUDA torchvision wheel without it.
 LOAD_SCRIPT = """
 import json, sys, torch
-import patches.torchvision_cpu
-patches.torchvision_cpu.apply()
+import lavis_ext_patches.torchvision_cpu
+lavis_ext_patches.torchvision_cpu.apply()
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 converted, adapter, merged, ids_file = sys.argv[1:]
@@ -28,7 +28,7 @@ with torch.no_grad():
     with_adapter = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits
     plain = LlamaForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()(input_ids=ids).logits
 torch.save({"base": base_logits, "adapter": with_adapter, "merged": plain}, ids_file + ".out.pt")
-print(json.dumps({"lavis_ext imported": any(m.startswith("lavis_ext") for m in sys.modules)}))
+print(json.dumps({"lavis_ext imported": any(m == "lavis_ext" or m.startswith("lavis_ext.") for m in sys.modules)}))
 """
 
 

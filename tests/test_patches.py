@@ -85,7 +85,7 @@ def batch():
 
 
 def test_every_patch_has_its_test():
-    import patches
+    import lavis_ext_patches as patches
 
     assert all(f"test_{name}" in globals() for name in patches.PATCHES)
 
@@ -333,7 +333,7 @@ def test_spacy_stub_answers_find_spec():
 
 def test_patches_are_idempotent():
     import lavis_ext  # noqa: F401
-    import patches
+    import lavis_ext_patches as patches
     from lavis.common import dist_utils
     from lavis.common.config import Config
     from lavis.common.logger import SmoothedValue
@@ -343,7 +343,7 @@ def test_patches_are_idempotent():
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
     from lavis.models.blip2_models.Qformer import BertLMHeadModel
     from lavis.runners import runner_base
-    from patches import qformer_beam_search
+    from lavis_ext_patches import qformer_beam_search
 
     def patched():
         return (BertLMHeadModel.__bases__, blip2.Blip2Base.__dict__["init_tokenizer"], blip2.create_eva_vit_g,
@@ -360,7 +360,7 @@ def test_patches_are_idempotent():
 
 
 def test_unknown_skip_name_is_refused(monkeypatch):
-    import patches
+    import lavis_ext_patches as patches
 
     monkeypatch.setenv("LAVIS_EXT_SKIP_PATCHES", "no_such_patch")
     with pytest.raises(ValueError, match="no_such_patch"):
@@ -416,7 +416,7 @@ def case_torchvision_ops_load():
         registered.append((path, library))
 
     torch.ops.load_library = load_library
-    from patches import torchvision_cpu
+    from lavis_ext_patches import torchvision_cpu
 
     torchvision_cpu.apply()
     torchvision_cpu.apply()

@@ -26,10 +26,9 @@ from pathlib import Path
 # This repository's venv pairs a CPU torch with a CUDA torchvision wheel that cannot import
 # there; transformers' image utilities import torchvision. The repository's fix defines the two
 # missing op schemas and nothing else (a no-op where torchvision loads); it is not lavis_ext.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import patches.torchvision_cpu  # noqa: E402
+import lavis_ext_patches.torchvision_cpu  # noqa: E402
 
-patches.torchvision_cpu.apply()
+lavis_ext_patches.torchvision_cpu.apply()
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
