@@ -13,7 +13,7 @@ from lavis_ext.tiny.pretrain_llm import pack_wqkv, pretrain_tiny_llm, save_inter
 SHORT_WORLD = {"train": 2000, "val": 50, "test": 120}
 SHORT_ASSETS = {"llm_steps": 300, "vit_steps": 80}
 SHORT_STAGE1 = ["run.max_epoch=1", "run.max_iters=15"]
-SHORT_STAGE2 = ["run.max_epoch=20", "run.max_iters=260", "run.warmup_steps=10"]  # 31 iterations an epoch
+SHORT_STAGE2 = ["run.max_epoch=20", "run.max_iters=320", "run.warmup_steps=10"]  # 31 iterations an epoch
 
 
 def test_pack_wqkv_inverts_split_wqkv():
