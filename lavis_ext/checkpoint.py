@@ -19,7 +19,7 @@ from numpy._core.multiarray import _reconstruct
 from safetensors import SafetensorError
 
 from lavis_ext.errors import CheckpointError, LavisExtError
-from lavis_ext.offline import require_file
+from lavis_ext.local_paths import require_file
 
 # Beyond torch's weights-only defaults, runner_ext checkpoints hold numpy's RNG state (a uint32
 # array, see runner_ext.rng_state); these rebuild such an array and call nothing else.

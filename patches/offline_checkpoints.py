@@ -17,7 +17,7 @@ def apply() -> None:
     from lavis.common.utils import is_url
     from lavis.models.base_model import BaseModel
 
-    from lavis_ext.offline import LocalPathError, require_file
+    from lavis_ext.local_paths import LocalPathError, require_file
 
     original = BaseModel.load_checkpoint_from_config
     if getattr(original, "_lavis_ext", False):

@@ -27,7 +27,7 @@ from lavis_ext.datasets.base import DataError, to_rgb
 from lavis_ext.datasets.caption import CaptionDatasetExt
 from lavis_ext.datasets.vqa import VQAEvalDatasetExt
 from lavis_ext.errors import CheckpointError
-from lavis_ext.offline import LocalPathError
+from lavis_ext.local_paths import LocalPathError
 
 SIZE = 32
 PROCESSORS = {"vis_processor": {"train": {"name": "blip2_image_train", "image_size": SIZE}},
@@ -416,7 +416,7 @@ def test_nan_similarities_reach_the_loss_not_multinomial(tiny_parts, paths_env):
 
 def test_stage1_non_finite_losses_abort_by_the_policy(stage1, tmp_path, tiny_parts, capfd):
     """A ViT with NaN weights: every stage-1 loss is NaN; run.max_nonfinite_steps ends the run, one line."""
-    from lavis_ext.offline import build_vision_encoder
+    from lavis_ext.blip2_parts import build_vision_encoder
 
     vit = tmp_path / "nan_vit"
     vit.mkdir()

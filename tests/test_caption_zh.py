@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from lavis.common.registry import registry
 from lavis.datasets.datasets.base_dataset import ConcatDataset
 from lavis_ext.datasets import DataError
-from lavis_ext.offline import LocalPathError
+from lavis_ext.local_paths import LocalPathError
 from lavis_ext.tasks import captioning
 from lavis_ext.tasks.captioning import CaptionTaskExt, score_captions
 from lavis_ext.text_zh import CAPTION_PROMPT_ZH, join_cjk, strip_punctuation, tokenize_for_metrics

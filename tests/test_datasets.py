@@ -15,7 +15,7 @@ import lavis_ext.datasets  # noqa: F401  (registers the builders)
 from lavis.common.registry import registry
 from lavis.datasets.data_utils import concat_datasets
 from lavis_ext.datasets import CaptionDatasetExt, DataError, VGCaptionDatasetExt
-from lavis_ext.offline import LocalPathError
+from lavis_ext.local_paths import LocalPathError
 from lavis_ext.tiny.data import UPSTREAM_VG_ROOT as UPSTREAM_VG, make_caption_data, make_coco_karpathy, make_vg_caption_data
 
 SIZE = 32

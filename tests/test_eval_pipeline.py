@@ -21,7 +21,7 @@ from lavis.common.vqa_tools.vqa_eval import VQAEval
 from lavis.models import load_model
 from lavis.processors.blip_processors import BlipQuestionProcessor
 from lavis_ext.datasets import DataError
-from lavis_ext.offline import LocalPathError
+from lavis_ext.local_paths import LocalPathError
 from lavis_ext.tiny.data import make_coco_karpathy, make_gqa_testdev, make_okvqa_data, make_vqav2_data
 
 EVAL_DIR = Path("lavis_ext/projects/blip2/eval")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lavis_ext import offline
+from lavis_ext import blip2_parts
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLM
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.tiny.internlm2 import make_tiny_internlm2
@@ -37,7 +37,7 @@ def write_vit_weights(vit_dir: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(vit_dir / "config.json", dst / "config.json")
     torch.manual_seed(0)
-    vit = offline.build_vision_encoder("eva_clip_g", str(vit_dir), img_size=224)
+    vit = blip2_parts.build_vision_encoder("eva_clip_g", str(vit_dir), img_size=224)
     with torch.no_grad():
         for param in (vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, vit.pos_embed, vit.cls_token):
             param.mul_(10)

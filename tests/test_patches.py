@@ -167,13 +167,14 @@ def test_qformer_beam_search(tiny_env):
 def case_offline_build():
     """The parts come from the config's paths; a second config with other paths gets its own."""
     import lavis_ext  # noqa: F401
-    from lavis_ext import offline
+    from lavis_ext import blip2_parts
+    from lavis_ext import local_paths
 
     model = tiny_blip2()
     assert model.Qformer.config.hidden_size == 32 and model.visual_encoder.num_features == 32
-    with pytest.raises(offline.LocalPathError, match=r"model\.bert_path .*= '/no/such/bert': no such directory"):
+    with pytest.raises(local_paths.LocalPathError, match=r"model\.bert_path .*= '/no/such/bert': no such directory"):
         tiny_blip2(bert_path="/no/such/bert")
-    assert offline.weights_in_build().bert_path == os.environ["LAVIS_EXT_BERT"]  # nothing left from those builds
+    assert blip2_parts.weights_in_build().bert_path == os.environ["LAVIS_EXT_BERT"]  # nothing left from those builds
 
 
 def test_offline_blip2(tiny_env):
@@ -246,7 +247,7 @@ def case_model_type_option():
 
     args = argparse.Namespace(cfg_path=str(REPO / "lavis_ext/projects/blip2/train/pretrain_stage2_internlm2_1_8b.yaml"),
                               options=["model.model_type=pretrain_internlm2_chat_1_8b"])
-    assert Config(args).model_cfg.use_chat_template is True, "--options model.model_type=... was ignored"
+    assert Config(args).model_cfg.get("use_chat_template") is True, "--options model.model_type=... was ignored"
 
 
 def test_model_type_option(tiny_env):
@@ -378,7 +379,7 @@ def checkpoint_cfg(**cfg):
 
 def test_offline_checkpoints_refuse_a_url():
     import lavis_ext  # noqa: F401
-    from lavis_ext.offline import LocalPathError
+    from lavis_ext.local_paths import LocalPathError
 
     url = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained.pth"
     with pytest.raises(LocalPathError, match=r"model\.pretrained = 'https://.*' is a URL; lavis-ext never downloads"):
@@ -387,7 +388,7 @@ def test_offline_checkpoints_refuse_a_url():
 
 def test_offline_checkpoints_name_a_missing_file(tmp_path):
     import lavis_ext  # noqa: F401
-    from lavis_ext.offline import LocalPathError
+    from lavis_ext.local_paths import LocalPathError
 
     missing = tmp_path / "checkpoint_9.pth"
     with pytest.raises(LocalPathError, match=rf"model\.finetuned .*= '{missing}': no such file"):

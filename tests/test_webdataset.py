@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lavis_ext.datasets.base import DataError
 from lavis_ext.datasets.webdataset import WebDatasetCaptions
-from lavis_ext.offline import LocalPathError
+from lavis_ext.local_paths import LocalPathError
 from lavis_ext.tiny.data import make_caption_data
 from lavis_ext.tiny.shards import make_tiny_shards
 from lavis_ext.tools import make_shards

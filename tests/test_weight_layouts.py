@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from lavis.common.registry import registry
-from lavis_ext import offline
+from lavis_ext import blip2_parts
 from lavis_ext.tiny.blip2 import make_tiny_vit, write_bert_base_uncased_layout, write_eva_vit_state_dict
 
 PRETRAIN_SIZE, BUILD_SIZE = 32, 48  # patch 8: a 4x4 grid in the file, 6x6 in the model
@@ -47,7 +47,7 @@ def assert_loaded(vit, saved: dict):
 def test_eva_vit_directory_with_model_pth_loads_and_interpolates(eva_file):
     vit_dir, pth = eva_file
     shutil.copy(pth, vit_dir / "model.pth")
-    vit = offline.build_vision_encoder("eva_clip_g", str(vit_dir), BUILD_SIZE)
+    vit = blip2_parts.build_vision_encoder("eva_clip_g", str(vit_dir), BUILD_SIZE)
     assert_loaded(vit, torch.load(pth))
 
 
@@ -56,8 +56,8 @@ def test_eva_vit_single_file_path_tiny_arch_shortcut(eva_file, monkeypatch):
     the stock factory the tiny architecture, and the file goes through the single-file path."""
     vit_dir, pth = eva_file
     arch = json.loads((vit_dir / "config.json").read_text())
-    monkeypatch.setitem(offline.VISION_ARCHS, "eva_clip_g", partial(offline.VISION_ARCHS["eva_clip_g"], **arch))
-    vit = offline.build_vision_encoder("eva_clip_g", str(pth), BUILD_SIZE)
+    monkeypatch.setitem(blip2_parts.VISION_ARCHS, "eva_clip_g", partial(blip2_parts.VISION_ARCHS["eva_clip_g"], **arch))
+    vit = blip2_parts.build_vision_encoder("eva_clip_g", str(pth), BUILD_SIZE)
     assert_loaded(vit, torch.load(pth))
 
 
@@ -68,7 +68,7 @@ def test_eva_vit_file_with_missing_keys_is_refused(eva_file):
     torch.save(state, vit_dir / "model.pth")
     with pytest.raises(RuntimeError, match=r"model\.vit_path = .*model\.pth: not a eva_clip_g checkpoint; "
                                            r"missing keys \['blocks\.1\.mlp\.fc1\.weight'\]"):
-        offline.build_vision_encoder("eva_clip_g", str(vit_dir), BUILD_SIZE)
+        blip2_parts.build_vision_encoder("eva_clip_g", str(vit_dir), BUILD_SIZE)
 
 
 def test_bert_base_uncased_layout_loads_into_the_qformer(tmp_path, tiny_parts):
@@ -76,7 +76,7 @@ def test_bert_base_uncased_layout_loads_into_the_qformer(tmp_path, tiny_parts):
     FFNs start as copies of the text FFNs (``Blip2Qformer.__init__``); cross-attention is new."""
     bert = write_bert_base_uncased_layout(tmp_path / "bert")
     assert json.loads((bert / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
-    tokenizer = offline.build_bert_tokenizer(str(bert))
+    tokenizer = blip2_parts.build_bert_tokenizer(str(bert))
     assert tokenizer.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 100, 101, 102, 103]
     saved = load_file(bert / "model.safetensors")
     cfg = OmegaConf.create(dict(vit_model="eva_clip_g", image_size=32, num_query_token=4, vit_precision="fp32",

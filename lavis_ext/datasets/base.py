@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data.dataloader import default_collate
 
 from lavis_ext.errors import ConfigError, LavisExtError
-from lavis_ext.offline import require_file
+from lavis_ext.local_paths import require_file
 from lavis_ext.run_options import DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ and same processors. What differs from ``lavis/datasets/builders/base_dataset_bu
 
 - ``_download_ann`` (``:92-150``) downloaded annotations from ``url``; here nothing is
   downloaded (a ``url`` is ignored with a warning) and a missing file is a
-  :class:`~lavis_ext.offline.LocalPathError` naming the config key and the path.
+  :class:`~lavis_ext.local_paths.LocalPathError` naming the config key and the path.
 - ``_download_vis`` (``:152-163``) only warned about a missing image directory; here it raises.
 - ``build_datasets`` (``:43-56``) checked on rank 0 only; here every rank checks its own disk.
 - ``build`` (``:220``) called ``eval_dataset_cls(...)`` even when it was ``None`` (``vg_caption``
@@ -34,7 +34,7 @@ from omegaconf import ListConfig, OmegaConf
 
 from lavis_ext.datasets.caption import CaptionDatasetExt, VGCaptionDatasetExt
 from lavis_ext.datasets.vqa import GQAEvalDatasetExt, VQAEvalDatasetExt
-from lavis_ext.offline import require_dir, require_file
+from lavis_ext.local_paths import require_dir, require_file
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from PIL import Image
 from lavis_ext.datasets.base import AnnSource, DataError, read_json
 from lavis_ext.datasets.builders import OfflineBuilderExt, register_builder_ext
 from lavis_ext.datasets.caption import CaptionDatasetExt
-from lavis_ext.offline import require_file
+from lavis_ext.local_paths import require_file
 from lavis_ext.text_zh import join_cjk
 
 

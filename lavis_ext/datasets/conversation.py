@@ -44,7 +44,7 @@ from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, ChatFormat, L
 from lavis_ext.datasets.base import AnnSource, DataError, ImageDatasetExt
 from lavis_ext.datasets.builders import OfflineBuilderExt, register_builder_ext
 from lavis_ext.models.internlm2 import load_internlm2_tokenizer
-from lavis_ext.offline import require_dir
+from lavis_ext.local_paths import require_dir
 
 logger = logging.getLogger(__name__)
 

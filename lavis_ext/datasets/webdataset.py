@@ -51,7 +51,7 @@ from torch.utils.data import get_worker_info
 from lavis_ext.datasets.base import (DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_KEY, DataError, ImageDatasetExt,
                                      pixel_limit, to_rgb)
 from lavis_ext.datasets.builders import OfflineBuilderExt, register_builder_ext
-from lavis_ext.offline import LocalPathError, require_file
+from lavis_ext.local_paths import LocalPathError, require_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Tiny, randomly initialised BLIP-2 parts built on the fly: a BERT Q-Former directory
 (WordPiece vocab trained on the given texts) and an EVA-ViT config directory.
 
-They feed :mod:`lavis_ext.offline` through ``bert_path``/``vit_path`` exactly like real
+They feed :mod:`lavis_ext.blip2_parts` through ``bert_path``/``vit_path`` exactly like real
 local copies of ``bert-base-uncased`` and ``eva_vit_g.pth`` do. Nothing binary is committed.
 The weight files in the real layouts (a ``bert-base-uncased`` directory with weights, a
 single-file EVA state dict, a LAVIS checkpoint with its buffers) are written by the
@@ -65,7 +65,7 @@ def make_tiny_bert(dst: str | Path, texts: Iterable[str] = DEFAULT_TEXTS,
 def make_tiny_vit(dst: str | Path, patch_size: int = 8, embed_dim: int = 32, depth: int = 2,
                   num_heads: int = 2, mlp_ratio: float = 2.0) -> Path:
     """Write an EVA-ViT architecture ``config.json`` (random init: no ``model.pth``): a shortcut that
-    :mod:`lavis_ext.offline` reads; the real weights layout is :func:`write_eva_vit_state_dict`."""
+    :mod:`lavis_ext.blip2_parts` reads; the real weights layout is :func:`write_eva_vit_state_dict`."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth,
@@ -111,12 +111,12 @@ def write_eva_vit_state_dict(dst: str | Path, vit_dir: str | Path, pretrain_size
     """
     import torch
 
-    from lavis_ext import offline
+    from lavis_ext import blip2_parts
 
     arch = json.loads((Path(vit_dir) / "config.json").read_text())
     arch["depth"] += 1
     torch.manual_seed(seed)
-    vit = offline.VISION_ARCHS["eva_clip_g"](pretrain_size, 0.0, False, **arch)
+    vit = blip2_parts.VISION_ARCHS["eva_clip_g"](pretrain_size, 0.0, False, **arch)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(vit.state_dict(), dst)

@@ -18,7 +18,7 @@ from lavis.processors.blip_processors import BlipImageEvalProcessor
 from PIL import Image
 from tqdm import tqdm
 
-from lavis_ext import offline
+from lavis_ext import blip2_parts
 from lavis_ext.datasets.synthetic import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES, read_world_file
 from lavis_ext.tiny.blip2 import make_tiny_vit
 
@@ -67,7 +67,7 @@ def pretrain_tiny_vit(world_root: str | Path, dst: str | Path, *, steps: int = 3
     torch.manual_seed(seed)
     rng = random.Random(seed)
     dst = make_tiny_vit(dst, **VIT_SIZES)
-    model = CellTagger(offline.build_vision_encoder("eva_clip_g", str(dst), IMAGE_SIZE)).train()
+    model = CellTagger(blip2_parts.build_vision_encoder("eva_clip_g", str(dst), IMAGE_SIZE)).train()
     images, colours, shapes = load_split(world_root, "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     losses = []

@@ -27,7 +27,9 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch.nn.utils.rnn import pad_sequence
 
-from lavis_ext import offline
+from lavis_ext import blip2_parts
+
+from lavis_ext import local_paths
 from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, LLMTokens, encode_with_image
 from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, reading_weights
 from lavis_ext.constants import IGNORE_INDEX
@@ -56,7 +58,7 @@ class Blip2InternLMConfig:
     """Everything ``Blip2InternLM`` is built from. Unknown keys raise.
 
     Paths are local (``llm_path``: an InternLM2 or Llama checkpoint directory; ``bert_path``,
-    ``vit_path``: see :mod:`lavis_ext.offline`). The model yamls fill them from environment
+    ``vit_path``: see :mod:`lavis_ext.blip2_parts`). The model yamls fill them from environment
     variables; ``--options model.<key>=...`` overrides.
     """
 
@@ -123,11 +125,11 @@ class Blip2InternLM(Blip2Base):
     def __init__(self, config: Blip2InternLMConfig):
         super().__init__()
         self.config = config
-        self.visual_encoder = offline.build_vision_encoder(
+        self.visual_encoder = blip2_parts.build_vision_encoder(
             config.vit_model, config.vit_path, config.image_size, config.drop_path_rate, config.use_grad_checkpoint,
             precision=config.vit_precision)
         self.ln_vision = LayerNorm(self.visual_encoder.num_features)
-        qformer_lm, self.query_tokens = offline.build_qformer(
+        qformer_lm, self.query_tokens = blip2_parts.build_qformer(
             config.bert_path, config.num_query_token, self.visual_encoder.num_features, config.cross_attention_freq)
         self.qformer = self._query_only(qformer_lm.bert)
 
@@ -135,7 +137,7 @@ class Blip2InternLM(Blip2Base):
         if llm_dtype != torch.float32 and not torch.cuda.is_available():
             logger.info("model.llm_dtype %s without CUDA: LLM loaded in fp32", config.llm_dtype)
             llm_dtype = torch.float32
-        self.llm_tokenizer = load_internlm2_tokenizer(offline.require_dir(config.llm_path, "model.llm_path"))
+        self.llm_tokenizer = load_internlm2_tokenizer(local_paths.require_dir(config.llm_path, "model.llm_path"))
         with reading_weights("model.llm_path", config.llm_path):
             self.llm = load_internlm2_llm(config.llm_path, torch_dtype=llm_dtype)
         check_tokenizer_fits(self.llm_tokenizer, self.llm, config.llm_path)

@@ -51,7 +51,7 @@ from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutput, BlipSimilarity
 
-from lavis_ext import offline
+from lavis_ext import blip2_parts
 from lavis_ext.checkpoint import load_checkpoint_file, load_state_dict_named, model_weights
 
 logger = logging.getLogger(__name__)
@@ -332,8 +332,8 @@ class Blip2QformerIds(Blip2Qformer):
     @classmethod
     def from_config(cls, cfg):
         """Stock ``Blip2Qformer.from_config`` (``blip2_qformer.py:483-510``), plus ``embed_dim``; the
-        BERT and ViT come from ``cfg``'s ``bert_path``/``vit_path`` (:func:`offline.building_from`)."""
-        with offline.building_from(cfg):
+        BERT and ViT come from ``cfg``'s ``bert_path``/``vit_path`` (:func:`blip2_parts.building_from`)."""
+        with blip2_parts.building_from(cfg):
             model = cls(
                 vit_model=cfg.get("vit_model", "eva_clip_g"),
                 img_size=cfg.get("image_size"),

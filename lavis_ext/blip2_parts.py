@@ -1,4 +1,4 @@
-"""Local weights for BLIP-2's shared parts: the BERT Q-Former, its tokenizer and the ViT.
+"""BLIP-2's shared parts from local files: the BERT Q-Former, its tokenizer and the ViT.
 
 Stock LAVIS downloads ``bert-base-uncased`` and the EVA/CLIP ViT weights from hard-coded
 hub names and URLs. lavis-ext builds the same modules from local paths, or from tiny
@@ -41,32 +41,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lavis_ext.errors import CheckpointError, ConfigError, LavisExtError
+from lavis_ext.errors import CheckpointError, ConfigError
+from lavis_ext.local_paths import ENV_VARS, describe_key, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-# config key -> the environment variable that lavis-ext's yamls fill it from
-ENV_VARS = {
-    "model.bert_path": "LAVIS_EXT_BERT",
-    "model.vit_path": "LAVIS_EXT_VIT",
-    "model.llm_path": "LAVIS_EXT_INTERNLM2_1_8B, LAVIS_EXT_INTERNLM2_CHAT_1_8B, LAVIS_EXT_INTERNLM2_7B "
-                      "or LAVIS_EXT_TINY_LLM, by model_type",
-    "model.pretrained": "LAVIS_EXT_STAGE1_CKPT",
-    "model.finetuned": "LAVIS_EXT_STAGE2_CKPT",
-}
-
-
-class LocalPathError(LavisExtError, FileNotFoundError):
-    """A configured local path is unset or missing; the message names the key, its environment
-    variable and the path."""
-
-
-def describe_key(key: str) -> str:
-    """``key`` with the environment variable that sets it, e.g. ``model.bert_path (env LAVIS_EXT_BERT)``."""
-    return f"{key} (env {ENV_VARS[key]})" if key in ENV_VARS else key
 
 
 def _from_env(key: str) -> str:
@@ -107,28 +87,6 @@ def weights_in_build() -> LocalWeights:
     """The paths of the model being built; a stock model constructed without ``from_config``
     (``Blip2Qformer(...)``) has no config, and gets the environment variables'."""
     return _building.get() or LocalWeights()
-
-
-def require_dir(path: str, key: str, must_contain: tuple[str, ...] = ()) -> Path:
-    """Return ``path`` as a directory, or raise one clear error naming ``key`` and ``path``."""
-    key = describe_key(key)
-    if not path:
-        raise LocalPathError(f"{key} is not set; lavis-ext never downloads, so point it at a local directory")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise LocalPathError(f"{key} = {path!r}: no such directory")
-    for name in must_contain:
-        if not (p / name).is_file():
-            raise LocalPathError(f"{key} = {path!r}: missing {name}")
-    return p
-
-
-def require_file(path: str, key: str) -> Path:
-    """Return ``path`` as an existing file, or raise naming ``key`` (and its environment variable)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise LocalPathError(f"{describe_key(key)} = {path!r}: no such file")
-    return p
 
 
 # --------------------------------------------------------------------------- BERT / Q-Former
