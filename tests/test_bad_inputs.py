@@ -401,8 +401,8 @@ def test_odd_captions_and_image_modes_train(tmp_path, paths_env, capfd):
 
 
 def test_nan_similarities_reach_the_loss_not_multinomial(tiny_parts, paths_env):
-    """Stage 1 with a diverged (NaN) Q-Former: the ITM negative sampling used to fail in
-    torch.multinomial before runner_ext saw the loss; now the loss is NaN and the policy applies."""
+    """Stage 1 with a diverged (NaN) Q-Former: the ITM negative sampling must not fail in
+    torch.multinomial before runner_ext sees the loss; the loss is NaN and the policy applies."""
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
@@ -504,7 +504,7 @@ def test_killed_rank_ends_torchrun_quickly(stage1, tmp_path, tiny_env):
 
 def test_demo_runs_again_beside_earlier_runs(tmp_path):
     """`make demo` again in the same checkout (or after an interrupted run): each stage's job dir is
-    the new run's, not an earlier one beside it (the second run used to stop after stage 1)."""
+    the new run's, not an earlier one beside it (taking an earlier one would stop the run after stage 1)."""
     from lavis_ext.demo import demo_env, make_assets, train_stages
 
     assets = make_assets(tmp_path, llm_steps=2, vit_steps=2, world_sizes={"train": 64, "val": 2, "test": 4})

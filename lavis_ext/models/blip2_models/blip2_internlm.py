@@ -46,11 +46,13 @@ LLM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 LLM_CACHES = ("static", "dynamic")
 # LAVIS config keys that say how to load, not what to build
 LOADING_KEYS = ("arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned")
-# Stage-1 parts that stage 2 does not use: the ITC/ITM heads and the Q-Former's text side.
-STAGE1_UNUSED = ("vision_proj.", "text_proj.", "itm_head.", "temp", "Qformer.cls.",
-                 "Qformer.bert.embeddings.word_embeddings.", "Qformer.bert.embeddings.position_embeddings",
-                 "Qformer.bert.embeddings.position_ids")
-STAGE1_TEXT_FFN = re.compile(r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.")  # queries use *_query
+# The Q-Former's text side (names under its BERT), which the queries never use: stage 2 drops these
+# modules (_query_only) and skips their stage-1 weights. Queries have their own *_query FFNs.
+QFORMER_TEXT_SIDE = re.compile(r"(embeddings\.(word_embeddings|position_embeddings|position_ids)"
+                               r"|encoder\.layer\.\d+\.(intermediate|output))(?=\.|$)")
+# Stage-1 heads that stage 2 does not use: ITC projections and temperature, ITM, the LM head.
+STAGE1_HEADS = ("vision_proj.", "text_proj.", "itm_head.", "temp", "Qformer.cls.")
+STAGE1_QFORMER = "Qformer.bert."
 
 
 @dataclass
@@ -151,12 +153,10 @@ class Blip2InternLM(Blip2Base):
 
     @staticmethod
     def _query_only(bert: nn.Module) -> nn.Module:
-        """Drop the Q-Former's text side (word/position embeddings, text FFNs): queries never use it."""
-        bert.embeddings.word_embeddings = None
-        bert.embeddings.position_embeddings = None
-        for layer in bert.encoder.layer:
-            layer.intermediate = None
-            layer.output = None
+        """Drop the Q-Former's text side (:data:`QFORMER_TEXT_SIDE`): queries never use it."""
+        for name in [name for name, _ in bert.named_modules() if QFORMER_TEXT_SIDE.fullmatch(name)]:
+            parent, _, child = name.rpartition(".")
+            setattr(bert.get_submodule(parent), child, None)
         return bert
 
     def _stop_token_ids(self) -> list[int]:
@@ -431,9 +431,10 @@ class Blip2InternLM(Blip2Base):
                                    "model.pretrained", url_or_filename)
         mapped = {}
         for key, value in state_dict.items():
-            if key.startswith(STAGE1_UNUSED) or STAGE1_TEXT_FFN.match(key):
+            if key.startswith(STAGE1_HEADS) or (key.startswith(STAGE1_QFORMER)
+                                                 and QFORMER_TEXT_SIDE.match(key[len(STAGE1_QFORMER):])):
                 continue
-            mapped[key.replace("Qformer.bert.", "qformer.", 1)] = value
+            mapped[key.replace(STAGE1_QFORMER, "qformer.", 1)] = value
         load_partial_state(self, mapped, f"model.pretrained = {url_or_filename}", allowed_missing=("llm.", "llm_proj."))
         logger.info("loaded stage-1 weights from %s", url_or_filename)
 
