@@ -21,7 +21,7 @@ setup(
     # the fixes to LAVIS live in patches/ and install as lavis_ext_patches, not under a name any project may use
     packages=[*find_packages(include=["lavis_ext", "lavis_ext.*"]), "lavis_ext_patches"],
     package_dir={"lavis_ext_patches": "patches"},
-    package_data={"lavis_ext": ["configs/**/*.yaml", "projects/**/*.yaml"]},
+    package_data={"lavis_ext": ["configs/**/*.yaml", "projects/**/*.yaml", "demo/projects/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["torch==2.13.0", "salesforce-lavis==1.0.2", *pinned_requirements()],
 )

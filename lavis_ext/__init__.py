@@ -18,5 +18,6 @@ _patches.apply_all()
 import lavis.common.optims  # noqa: E402,F401
 
 from lavis_ext import datasets, models, runners, tasks  # noqa: E402,F401  (registration)
+from lavis_ext.demo import world  # noqa: E402,F401  (the demo's builders)
 
 __version__ = "0.1.0"

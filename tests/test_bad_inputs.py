@@ -505,7 +505,7 @@ def test_killed_rank_ends_torchrun_quickly(stage1, tmp_path, tiny_env):
 def test_demo_runs_again_beside_earlier_runs(tmp_path):
     """`make demo` again in the same checkout (or after an interrupted run): each stage's job dir is
     the new run's, not an earlier one beside it (taking an earlier one would stop the run after stage 1)."""
-    from lavis_ext.demo import demo_env, make_assets, train_stages
+    from lavis_ext.demo.pipeline import demo_env, make_assets, train_stages
 
     assets = make_assets(tmp_path, llm_steps=2, vit_steps=2, world_sizes={"train": 64, "val": 2, "test": 4})
     env = {**demo_env(tmp_path, assets), "NPROC_PER_NODE": "1"}

@@ -222,7 +222,7 @@ def test_prompt_must_be_text(tmp_path):
 
 def test_english_and_chinese_sets_train_together_with_their_own_prompts(tmp_path):
     """LAVIS concatenates the train sets and keeps only the keys every sample has: both carry ``prompt``."""
-    from lavis_ext.datasets.synthetic import make_world
+    from lavis_ext.demo.world import make_world
 
     world = make_world(tmp_path, sizes={"train": 2, "val": 1, "test": 1})
     sets = []

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from test_internlm2_chat import chat_llm, chat_model, force_tokens  # noqa: F401  (fixtures)
 
 from lavis_ext import chat as chat_cli
-from lavis_ext.demo import VQA_YAML
+from lavis_ext.demo.pipeline import VQA_YAML
 from lavis_ext.tiny.blip2 import write_lavis_checkpoint
 from lavis_ext.tiny.data import draw_shape
 

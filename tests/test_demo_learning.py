@@ -7,7 +7,7 @@ import torch
 
 from lavis_ext.models.internlm2 import load_internlm2_llm
 from lavis_ext.models.internlm2.conversion import split_wqkv
-from lavis_ext.tiny.pretrain_llm import pack_wqkv, pretrain_tiny_llm, save_internlm2_weights
+from lavis_ext.demo.pretrain_llm import pack_wqkv, pretrain_tiny_llm, save_internlm2_weights
 
 # shortened demo: fewer images and steps than `make demo`, same code path
 SHORT_WORLD = {"train": 2000, "val": 50, "test": 120}
@@ -41,7 +41,7 @@ def test_saved_weights_load_back_with_identical_logits(tiny_llm, tmp_path):
 
 
 def test_stage0_learns_the_world_text(tmp_path):
-    from lavis_ext.datasets.synthetic import make_world
+    from lavis_ext.demo.world import make_world
 
     world = make_world(tmp_path / "world", sizes={"train": 100, "val": 2, "test": 2})
     result = pretrain_tiny_llm(world, tmp_path / "llm", steps=120, batch_size=16, warmup_steps=5)
@@ -52,7 +52,7 @@ def test_stage0_learns_the_world_text(tmp_path):
 
 
 def test_short_demo_learns_captions_and_zero_shot_vqa(tmp_path, monkeypatch):
-    from lavis_ext.demo import demo_env, evaluate, make_assets, train_stages
+    from lavis_ext.demo.pipeline import demo_env, evaluate, make_assets, train_stages
 
     assets = make_assets(tmp_path, world_sizes=SHORT_WORLD, **SHORT_ASSETS)
     env = demo_env(tmp_path, assets)

@@ -13,7 +13,7 @@ from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLM
 from lavis_ext.models.blip2_models.chat_format import ChatFormat
 from lavis_ext.models.lora import DEFAULT_TARGET_MODULES
 
-INSTRUCT_YAML = "lavis_ext/projects/demo/instruct_lora.yaml"
+INSTRUCT_YAML = "lavis_ext/demo/projects/instruct_lora.yaml"
 CONVERSATION = [{"role": "user", "content": "<image>\nWhat color is the car?"}, {"role": "assistant", "content": "red"},
                 {"role": "user", "content": "Two cats?"}, {"role": "assistant", "content": "a dog"}]
 
@@ -122,7 +122,7 @@ def test_interrupted_and_resumed_stage3_has_identical_losses(tiny_env, tmp_path)
     """Bit for bit. The LLM's positions cover the conversations: beyond ``max_position_embeddings``,
     dynamic NTK (transformers' ``dynamic_rope_update``, like InternLM2's own cache) keeps the
     frequencies of the longest sequence the process has seen, so the losses would depend on it."""
-    from lavis_ext.datasets.synthetic import make_world
+    from lavis_ext.demo.world import make_world
     from lavis_ext.tiny.internlm2 import make_tiny_internlm2
 
     make_world(tmp_path / "data" / "synthetic", sizes={"train": 4, "val": 1, "test": 1})

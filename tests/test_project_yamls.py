@@ -1,4 +1,4 @@
-"""Every project yaml under ``lavis_ext/projects/`` through LAVIS's real config path.
+"""Every project yaml under ``lavis_ext/projects/`` and ``lavis_ext/demo/projects/`` through LAVIS's real config path.
 
 Each one resolves, starts with a header comment giving its launch command, has only keys its
 model knows, writes to its own ``run.output_dir`` and feeds its model images of the model's size.
@@ -19,7 +19,7 @@ from lavis_ext.cli import model_image_size
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLMConfig
 from lavis_ext.run_options import RunOptions
 
-PROJECTS = sorted((REPO / "lavis_ext" / "projects").rglob("*.yaml"))
+PROJECTS = sorted([*(REPO / "lavis_ext" / "projects").rglob("*.yaml"), *(REPO / "lavis_ext" / "demo" / "projects").glob("*.yaml")])
 LAUNCHERS = ("bash run_scripts/", "python train.py", "python evaluate.py", "python -m lavis_ext")
 
 
@@ -43,7 +43,7 @@ def image_size_mismatches(config: Config) -> list[str]:
             for key, size in processor_sizes(config).items() if size != model_size]
 
 
-@pytest.mark.parametrize("path", PROJECTS, ids=lambda p: str(p.relative_to(REPO / "lavis_ext" / "projects")))
+@pytest.mark.parametrize("path", PROJECTS, ids=lambda p: str(p.relative_to(REPO / "lavis_ext")))
 def test_project_yaml(path: Path) -> None:
     header = path.read_text(encoding="utf-8").split("\n\n", 1)[0]
     assert header.startswith("#") and any(launch in header for launch in LAUNCHERS), \
@@ -84,7 +84,7 @@ def test_model_yaml_sets_only_what_differs_from_the_dataclass(path: Path) -> Non
     assert repeated == [], f"{path.name} repeats the defaults of {repeated}"
 
 
-@pytest.mark.parametrize("path", PROJECTS, ids=lambda p: str(p.relative_to(REPO / "lavis_ext" / "projects")))
+@pytest.mark.parametrize("path", PROJECTS, ids=lambda p: str(p.relative_to(REPO / "lavis_ext")))
 def test_project_run_section_sets_only_what_differs_from_run_options(path: Path) -> None:
     """``RunOptions`` holds each run option's default once; a yaml repeating one would be a second copy."""
     run = OmegaConf.load(path).get("run", {})

@@ -45,7 +45,7 @@ def test_unknown_option_names_the_nearest_keys():
 
     from lavis_ext.cli import OptionsError, check_options
 
-    cfg = Config(Namespace(cfg_path=str(REPO / "lavis_ext/projects/demo/pretrain_stage2.yaml"), options=[]))
+    cfg = Config(Namespace(cfg_path=str(REPO / "lavis_ext/demo/projects/pretrain_stage2.yaml"), options=[]))
     check_options(cfg, ["run.max_iters=3", "run.seed=1", "run.init_lr=1e-4", "model.bert_path=x"])
     with pytest.raises(OptionsError, match=r"'run\.max_iter': no such key .*nearest: run\.max_iters"):
         check_options(cfg, ["run.max_iter=3"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lavis_ext.datasets.synthetic import (
+from lavis_ext.demo.world import (
     ANSWER_TYPES,
     SPLITS,
     attribute_scores,
@@ -106,7 +106,7 @@ def test_caption_builder_builds_a_dataset_through_lavis(world, captions):
 
 
 def test_chinese_captions_name_the_same_groups(world):
-    from lavis_ext.datasets.synthetic import COLOURS_ZH, NUMBER_WORDS_ZH, SHAPES_ZH
+    from lavis_ext.demo.world import COLOURS_ZH, NUMBER_WORDS_ZH, SHAPES_ZH
 
     for split in SPLITS:
         english = json.loads((world / f"{split}.json").read_text())
@@ -155,7 +155,7 @@ def test_majority_baseline_by_hand():
 
 
 def test_chance_baseline_by_hand():
-    from lavis_ext.datasets.synthetic import chance_baseline
+    from lavis_ext.demo.world import chance_baseline
 
     def ann(answer_type, answer):
         return {"answer_type": answer_type, "multiple_choice_answer": answer}

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from lavis_ext.constants import IGNORE_INDEX
-from lavis_ext.datasets.synthetic import read_world_file
+from lavis_ext.demo.world import read_world_file
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLMConfig
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.conversion import LAYER_NAMES, TOP_LEVEL_NAMES

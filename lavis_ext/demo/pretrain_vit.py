@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lavis_ext import blip2_parts
-from lavis_ext.datasets.synthetic import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES, read_world_file
+from lavis_ext.demo.world import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES, read_world_file
 from lavis_ext.tiny.blip2 import make_tiny_vit
 
 VIT_SIZES = {"patch_size": CELL, "embed_dim": 128, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0}

@@ -1,6 +1,6 @@
 """A procedural world of coloured shapes, written in COCO-caption and VQAv2 formats.
 
-    python -m lavis_ext.datasets.synthetic ROOT [--seed 0] [--train 4000 --val 200 --test 300]
+    python -m lavis_ext.demo.world ROOT [--seed 0] [--train 4000 --val 200 --test 300]
 
 Each image is ``IMAGE_SIZE`` pixels square, cut into a ``GRID`` x ``GRID`` grid of cells; 1-4
 objects sit in distinct cells, one object per cell, jittered by a pixel or two. An object has one
@@ -351,7 +351,7 @@ def read_world_file(root: str | Path, name: str):
     """The JSON file ``name`` of the world under ``root``; a missing one says how to write it."""
     path = Path(root) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.datasets.synthetic.make_world")
+        raise FileNotFoundError(f"{path}: no such file; write it with lavis_ext.demo.world.make_world")
     return read_json(path, "world file")
 
 

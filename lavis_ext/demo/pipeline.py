@@ -2,11 +2,11 @@
 
     python -m lavis_ext.demo [--output output/demo]
 
-1. the world (:mod:`lavis_ext.datasets.synthetic`) and the tiny parts: a BERT Q-Former dir, an
-   EVA-ViT briefly pretrained to tag grid cells (:mod:`lavis_ext.tiny.pretrain_vit`), and stage 0,
-   a tiny InternLM2 trained on the world's text (:mod:`lavis_ext.tiny.pretrain_llm`);
+1. the world (:mod:`lavis_ext.demo.world`) and the tiny parts: a BERT Q-Former dir, an
+   EVA-ViT briefly pretrained to tag grid cells (:mod:`lavis_ext.demo.pretrain_vit`), and stage 0,
+   a tiny InternLM2 trained on the world's text (:mod:`lavis_ext.demo.pretrain_llm`);
 2. stage 1 and stage 2 through ``run_scripts/`` and ``train.py`` with the demo yamls
-   (``lavis_ext/projects/demo/``), exactly as real runs go;
+   (``lavis_ext/demo/projects/``), exactly as real runs go;
 3. held-out test images: caption attribute accuracy (colour F1, shape F1, object count) in English
    and in Chinese (stage 2 trains on both, each with its dataset's prompt; Chinese also CIDEr) and
    zero-shot VQA through ``evaluate.py`` (``run_scripts/blip2/eval/`` with the demo VQA yaml, the
@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from lavis_ext.runners.runner_ext import METRICS_FILE
 
-REPO = Path(__file__).resolve().parents[1]
-PROJECT_DIR = REPO / "lavis_ext" / "projects" / "demo"
+REPO = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parent / "projects"
 STAGE1_YAML = PROJECT_DIR / "pretrain_stage1.yaml"
 STAGE2_YAML = PROJECT_DIR / "pretrain_stage2.yaml"
 VQA_YAML = PROJECT_DIR / "vqa_zeroshot_eval.yaml"
@@ -60,10 +60,10 @@ def timed(timings: dict[str, float], name: str):
 def make_assets(root: Path, llm_steps: int = LLM_STEPS, vit_steps: int = VIT_STEPS,
                 world_sizes: dict[str, int] | None = None) -> dict:
     """World under ``root/data/synthetic`` (the yamls' ``$LAVIS_CACHE_ROOT/synthetic``), then the parts."""
-    from lavis_ext.datasets.synthetic import make_world
+    from lavis_ext.demo.world import make_world
     from lavis_ext.tiny.blip2 import make_tiny_bert
-    from lavis_ext.tiny.pretrain_llm import pretrain_tiny_llm, stage0_examples, world_texts
-    from lavis_ext.tiny.pretrain_vit import pretrain_tiny_vit
+    from lavis_ext.demo.pretrain_llm import pretrain_tiny_llm, stage0_examples, world_texts
+    from lavis_ext.demo.pretrain_vit import pretrain_tiny_vit
 
     timings, results = {}, {}
     with timed(timings, "world"):
@@ -156,8 +156,8 @@ def load_demo_model(checkpoint: Path | None):
 
 def split_images(world: Path, split: str, captions: str = "{split}.json") -> tuple[torch.Tensor, list[dict]]:
     """The split's images ``[N, 3, S, S]`` (eval processing) and caption records (file ``captions``), both by image id."""
-    from lavis_ext.datasets.synthetic import read_world_file
-    from lavis_ext.tiny.pretrain_vit import load_split
+    from lavis_ext.demo.world import read_world_file
+    from lavis_ext.demo.pretrain_vit import load_split
 
     images, _, _ = load_split(world, split)
     return images, sorted(read_world_file(world, captions.format(split=split)), key=lambda r: r["image_id"])
@@ -168,7 +168,7 @@ def caption_scores(model, world: Path, split: str = "test",
     """Greedy captions of the split's images in ``language`` (``en``, or ``zh``: the Chinese prompt, as the
     ``synthetic_caption_zh`` set trains it); attribute scores (Chinese: also CIDEr, jieba-segmented) and
     ``(generated, truth)`` pairs."""
-    from lavis_ext.datasets.synthetic import attribute_scores, parse_caption, parse_caption_zh
+    from lavis_ext.demo.world import attribute_scores, parse_caption, parse_caption_zh
     from lavis_ext.tasks.captioning import score_captions
     from lavis_ext.text_zh import CAPTION_PROMPT_ZH
 
@@ -191,7 +191,7 @@ def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path |
     """Zero-shot VQA of the test split through ``evaluate.py``, as real evaluations run: the demo yaml
     with ``run_scripts/blip2/eval/vqav2_zeroshot_internlm2.sh`` on 2 processes. ``checkpoint`` None
     evaluates the untrained control. Returns the official VQA accuracy per answer type, as a fraction."""
-    from lavis_ext.datasets.synthetic import ANSWER_TYPES
+    from lavis_ext.demo.world import ANSWER_TYPES
 
     output = root / "demo" / f"vqa_{name}"
     job = run_script("eval/vqav2_zeroshot_internlm2.sh", VQA_YAML, [f"run.output_dir={output}"],
@@ -203,7 +203,7 @@ def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path |
 
 def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict:
     """Trained model vs untrained control on the test split, and the chance and majority baselines."""
-    from lavis_ext.datasets.synthetic import chance_baseline, majority_baseline, read_annotations
+    from lavis_ext.demo.world import chance_baseline, majority_baseline, read_annotations
 
     train, test = read_annotations(world, "train"), read_annotations(world, "test")
     result = {"chance": {"vqa": chance_baseline(train, test)}, "majority": {"vqa": majority_baseline(train, test)}}
@@ -285,7 +285,7 @@ def run_demo(root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lavis_ext.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo", help="where data, parts, checkpoints and logs go")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
