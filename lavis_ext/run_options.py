@@ -16,6 +16,7 @@ from lavis_ext.errors import ConfigError
 from lavis_ext.text_zh import SEGMENTERS
 
 AMP_CHOICES = ("bf16", "fp16", "false")
+DATA_PARALLEL_CHOICES = ("ddp", "fsdp")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default (Image.MAX_IMAGE_PIXELS)
 
 
@@ -36,6 +37,9 @@ class RunOptions:
     max_iters: int = _option(0, "stop after N iterations (smoke runs); 0: all epochs")
     max_nonfinite_steps: int = _option(10, "abort after N non-finite losses in a row (each is skipped)")
     resume_ckpt_path: str = _option("", "checkpoint to resume from (`--resume` sets it)")
+    data_parallel: str = _option("ddp", "distributed training: `ddp`, or `fsdp` (FSDP2: parameters, gradients and "
+                                 "optimizer state sharded across ranks; refuses `valid_splits`/`test_splits`: "
+                                 "evaluate its checkpoint with `evaluate.py`)")
     find_unused_parameters: bool = _option(False, "DDP's `find_unused_parameters`")
     length_penalty: float | None = _option(None, "beam-search length penalty of evaluation; unset: the model's")
     max_image_pixels: int = _option(DEFAULT_MAX_IMAGE_PIXELS, "larger images are bad samples (decompression bombs)")
@@ -55,6 +59,9 @@ class RunOptions:
         options = cls(**values)
         if options.amp not in AMP_CHOICES:
             raise ConfigError(f"run.amp = {options.amp!r}: expected one of {', '.join(AMP_CHOICES)}")
+        if options.data_parallel not in DATA_PARALLEL_CHOICES:
+            raise ConfigError(f"run.data_parallel = {options.data_parallel!r}: expected one of "
+                              f"{', '.join(DATA_PARALLEL_CHOICES)}")
         if options.segmenter and options.segmenter not in SEGMENTERS:
             raise ConfigError(f"run.segmenter = {options.segmenter!r}: expected one of {list(SEGMENTERS)} "
                               "(Chinese captions), or no key (English)")

@@ -10,6 +10,8 @@ What it changes in ``lavis/runners/runner_base.py`` (1.0.2):
 - ``_save_checkpoint`` (``:571-579``) dropped frozen weights, but ``_load_checkpoint``
   (``:628``) loaded strictly, so resuming from LAVIS's own checkpoints failed. Here the
   missing keys must be exactly the frozen parameters, and nothing may be unexpected.
+- ``run.data_parallel: fsdp`` shards the model with FSDP2 instead of wrapping it in DDP
+  (:mod:`lavis_ext.runners.fsdp`); its checkpoints have the same format.
 - Training is this runner's own loop: autocast by ``run.amp`` (``bf16``/``fp16``/``false``),
   gradient accumulation, skipping of non-finite losses, atomic checkpoints holding the
   optimizer, scaler, position and RNG states, and mid-epoch resume that continues the run
@@ -34,6 +36,7 @@ import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ChainDataset, DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
@@ -41,8 +44,10 @@ from tqdm import tqdm
 from lavis_ext.checkpoint import (atomic_save, atomic_write_text, load_checkpoint_file, load_partial_state,
                                   remove_stale_temporaries, temporary_path)
 from lavis_ext.datasets.webdataset import WebDatasetCaptions
-from lavis_ext.errors import LavisExtError
+from lavis_ext.errors import ConfigError, LavisExtError
 from lavis_ext.run_options import RunOptions
+from lavis_ext.runners.fsdp import (full_optimizer_state_dict, full_trainable_state_dict, load_full_model_state,
+                                    load_full_optimizer_state, parameter_bytes, shard_model)
 from lavis_ext.runners.sampler import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -101,6 +106,7 @@ class RunnerExt(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
         super().__init__(cfg, task, model, datasets, job_id)
         logger.info("run options: %s", self.options)  # bad values fail here, before anything runs
+        self._refuse_sharded_evaluation()
         self.start_iter = 0  # batches of ``start_epoch`` already trained (mid-epoch resume)
         self.global_step = 0
         self._train_sampler: EpochSampler | None = None
@@ -131,12 +137,39 @@ class RunnerExt(RunnerBase):
             self._device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
         return self._device
 
+    def _refuse_sharded_evaluation(self) -> None:
+        """FSDP training does not evaluate: a sharded model decodes only with every rank gathering
+        the same layers in lockstep, which evaluation on each rank's own share of the data breaks."""
+        if self.options.data_parallel != "fsdp" or self.evaluate_only:
+            return
+        splits = {key: list(self.config.run_cfg.get(key) or []) for key in ("valid_splits", "test_splits")}
+        named = ", ".join(f"run.{key} = {value}" for key, value in splits.items() if value)
+        if named:
+            raise ConfigError(f"run.data_parallel = 'fsdp' with {named}: a sharded model is not evaluated "
+                              "during training; train without these splits and evaluate the checkpoint with "
+                              "evaluate.py")
+
+    @property
+    def uses_fsdp(self) -> bool:
+        """Training distributed with ``run.data_parallel: fsdp``."""
+        return self.options.data_parallel == "fsdp" and self.use_distributed and not self.evaluate_only
+
     @property
     def model(self):
-        """The model on ``run.device``, DDP-wrapped when training distributed (CPU: ``device_ids=None``)."""
+        """The model on ``run.device``; when training distributed, DDP-wrapped (CPU: ``device_ids=None``)
+        or sharded in place by FSDP2 (``run.data_parallel``). LAVIS's ``optimizer`` property reads
+        this, so the optimizer is always built after the wrap (for FSDP: on the sharded parameters)."""
         if self._wrapped_model is None:
             self._model = self._model.to(self.device)
-            if self.use_distributed and not self.evaluate_only:
+            if self.uses_fsdp:
+                units = shard_model(self._model, self.device, get_world_size())
+                local, full = parameter_bytes(self._model)
+                per_rank = [None] * get_world_size()
+                dist.all_gather_object(per_rank, local)
+                logger.info("fsdp: units %s and the root; parameter bytes per rank: %d of %d (ranks: %s)",
+                            units, local, full, per_rank)
+                self._wrapped_model = self._model
+            elif self.use_distributed and not self.evaluate_only:
                 device_ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
                 self._wrapped_model = DDP(self._model, device_ids=device_ids,
                                           find_unused_parameters=self.options.find_unused_parameters)
@@ -149,14 +182,18 @@ class RunnerExt(RunnerBase):
         scoring), DDP is freed, then the group is destroyed. DDP holds a reference to the group:
         freed after ``destroy_process_group`` (when the runner is collected) a rank could hang in
         the gloo teardown, and exiting with a live group could abort with "terminate called
-        without an active exception"."""
-        self._wrapped_model = None  # the bare model stays
+        without an active exception". An FSDP-sharded model holds the group itself (its shards
+        are of no use without it), so the runner lets go of it, its optimizer and scheduler too."""
+        if isinstance(self._wrapped_model, FSDPModule):
+            self._model = self._optimizer = self._lr_sched = None
+        self._wrapped_model = None  # the bare model stays (DDP)
         gc.collect()
         if is_dist_avail_and_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
     def unwrap_dist_model(self, model):
+        """The bare model: DDP's ``module``; FSDP2 shards the module in place, so it is the model."""
         return model.module if isinstance(model, DDP) else model
 
     @property
@@ -331,21 +368,19 @@ class RunnerExt(RunnerBase):
         """Atomically write ``checkpoint_last.pth``; at the end of an epoch (``next_iter=None``)
         also ``checkpoint_{epoch}.pth``, the name LAVIS uses and stage 2 loads.
 
-        Every rank contributes its RNG state; rank 0 writes.
+        Every rank contributes its RNG state (and, with FSDP, its shards); rank 0 writes.
         """
         rng_states = [None] * get_world_size()
         if is_dist_avail_and_initialized():
             dist.all_gather_object(rng_states, rng_state())
         else:
             rng_states = [rng_state()]
+        model_state, optimizer_state = self._full_states()
         if is_main_process():
-            model = self.unwrap_dist_model(self.model)
-            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-            state_dict = {k: v for k, v in model.state_dict().items() if k not in frozen}
             end_of_epoch = next_iter is None
             checkpoint = {
-                "model": state_dict,
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "config": self.config.to_dict(),
                 "epoch": cur_epoch,
@@ -364,12 +399,30 @@ class RunnerExt(RunnerBase):
             logger.info("saved checkpoint: epoch %d, step %d -> %s", cur_epoch, self.global_step, last)
         barrier()
 
+    def _full_states(self) -> tuple[dict, dict]:
+        """Rank 0's trainable weights (frozen ones left out) and optimizer state, in full; ``{}`` on
+        the other ranks. An FSDP model gathers them from the shards: every rank must call this."""
+        model = self.unwrap_dist_model(self.model)
+        if self.uses_fsdp:
+            return full_trainable_state_dict(model), full_optimizer_state_dict(model, self.optimizer)
+        if not is_main_process():
+            return {}, {}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in model.state_dict().items() if k not in frozen}, self.optimizer.state_dict()
+
     def _load_checkpoint(self, url_or_filename):
         """Resume: weights, optimizer, scaler, position and every rank's RNG state."""
         path = Path(url_or_filename)
-        checkpoint = load_checkpoint_file(path, "run.resume_ckpt_path (--resume)", map_location=self.device)
-        load_partial_state(self.unwrap_dist_model(self.model), checkpoint["model"], str(path))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # with FSDP every rank reads the whole checkpoint: into CPU memory, and keeps its shards on the device
+        checkpoint = load_checkpoint_file(path, "run.resume_ckpt_path (--resume)",
+                                          map_location="cpu" if self.uses_fsdp else self.device)
+        model = self.unwrap_dist_model(self.model)
+        if self.uses_fsdp:
+            load_full_model_state(model, checkpoint["model"], str(path))
+            load_full_optimizer_state(model, self.optimizer, checkpoint["optimizer"], str(path))
+        else:
+            load_partial_state(model, checkpoint["model"], str(path))
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         next_iter = checkpoint.get("next_iter", 0)
