@@ -4,7 +4,9 @@
     .venv/bin/python bench/train_step.py --size 1.8b --device cuda     # MFU against --peak-tflops
 
 Goal: lavis-ext's step time <= 0.9x HF's (ratio of medians, same run). ``--lora-rank N`` puts
-LoRA on lavis-ext's LLM (``model.lora_rank``; HF stays without). Every step's loss is checked:
+LoRA on lavis-ext's LLM (``model.lora_rank``; HF stays without); ``--fsdp`` shards lavis-ext's model
+with FSDP2 over one rank, as ``run.data_parallel: fsdp`` does (``lavis_ext.runners.fsdp``), to
+show what the sharding machinery costs on one device. Every step's loss is checked:
 the count of non-finite ones is printed (on CUDA lavis-ext runs its ViT in fp16, its LLM in bf16).
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from common import (
     SIZES,
     build_systems,
@@ -28,6 +31,7 @@ from common import (
 )
 
 from lavis_ext.constants import IGNORE_INDEX
+from lavis_ext.runners.fsdp import shard_model
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device,
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's dense bf16 peak, for MFU (H100 SXM: 989)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA on lavis-ext's LLM (0: none)")
+    p.add_argument("--fsdp", action="store_true", help="shard lavis-ext's model with FSDP2 over one rank")
     args = p.parse_args(argv)
     d = SIZES[args.size]
     args.batch = args.batch or d.batch
@@ -77,6 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     hf_shape = hf_text_inputs(lavis, prompts, texts, image_token, device)["labels"].shape
     assert labels.shape == hf_shape, f"lavis-ext sequences {tuple(labels.shape)} != HF {tuple(hf_shape)}"
     seq_len, n_targets = labels.shape[1], int((labels[:, 1:] != IGNORE_INDEX).sum())
+    units = {}
+    if args.fsdp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="tcp://127.0.0.1:0",
+                                rank=0, world_size=1)
+        units = shard_model(lavis, device, world_size=1)
+        print(f"FSDP2 units of lavis-ext's model: {units}")
 
     models = {"lavis-ext": lavis, "hf": hf}
     losses: dict[str, list[torch.Tensor]] = {"lavis-ext": [], "hf": []}
@@ -105,9 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(line)
     ratio = seconds["lavis-ext"] / seconds["hf"]
     print(f"ratio lavis-ext / hf step time: {ratio:.3f} (goal <= 0.9)")
+    if args.fsdp:
+        dist.destroy_process_group()
     return {"seconds": seconds, "ratio": ratio, "mfu": mfu, "peak_gib": peaks, "flops": flops,
             "steps": {name: len(v) for name, v in losses.items()},
-            "nonfinite": {name: nonfinite(v) for name, v in losses.items()}}
+            "nonfinite": {name: nonfinite(v) for name, v in losses.items()}, "fsdp_units": units}
 
 
 if __name__ == "__main__":
