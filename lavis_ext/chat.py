@@ -109,7 +109,7 @@ class ChatModel:
 def demo_model(demo_dir: Path) -> tuple[Path, Path] | None:
     """``(eval yaml, checkpoint)`` of the model ``make demo`` trained under ``demo_dir``, if it did:
     the newest stage-2 ``checkpoint_last.pth``, with the demo's zero-shot VQA yaml, as
-    :func:`lavis_ext.demo.pipeline.zero_shot_vqa` evaluates it. Sets the variables that yaml reads."""
+    :func:`lavis_ext.demo.pipeline.vqa_accuracy` evaluates it. Sets the variables that yaml reads."""
     from lavis_ext.demo.pipeline import VQA_YAML, demo_env
 
     checkpoints = sorted((demo_dir / "demo" / "pretrain_stage2").glob("*/checkpoint_last.pth"),

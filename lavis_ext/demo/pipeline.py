@@ -1,18 +1,20 @@
 """``make demo``: a tiny BLIP-2 x InternLM2 that visibly learns a synthetic world, on 2 CPU processes.
 
-    python -m lavis_ext.demo [--output output/demo]
+    python -m lavis_ext.demo [--output output/demo] [--instruct]
 
 1. the world (:mod:`lavis_ext.demo.world`) and the tiny parts: a BERT Q-Former dir, an
    EVA-ViT briefly pretrained to tag grid cells (:mod:`lavis_ext.demo.pretrain_vit`), and stage 0,
    a tiny InternLM2 trained on the world's text (:mod:`lavis_ext.demo.pretrain_llm`);
-2. stage 1 and stage 2 through ``run_scripts/`` and ``train.py`` with the demo yamls
-   (``lavis_ext/demo/projects/``), exactly as real runs go;
+2. stage 1 and stage 2 (with ``--instruct`` also stage 3: instruction tuning with LoRA on the
+   world's LLaVA-format conversations) through ``run_scripts/`` and ``train.py`` with the demo
+   yamls (``lavis_ext/demo/projects/``), exactly as real runs go;
 3. held-out test images: caption attribute accuracy (colour F1, shape F1, object count) in English
    and in Chinese (stage 2 trains on both, each with its dataset's prompt; Chinese also CIDEr) and
    zero-shot VQA through ``evaluate.py`` (``run_scripts/blip2/eval/`` with the demo VQA yaml, the
    official VQA accuracy by answer type) of the trained model, against an untrained control (same
    parts, Q-Former and projection as initialised) and the chance and majority-answer baselines;
-4. a summary table, sample captions beside the truth, and both stages' loss curves in
+   with ``--instruct``, the instruction-tuned model's VQA in the chat format, through ``evaluate.py`` too;
+4. a summary table, sample captions beside the truth, and the stages' loss curves in
    ``<output>/loss_curves.png``.
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ PROJECT_DIR = Path(__file__).resolve().parent / "projects"
 STAGE1_YAML = PROJECT_DIR / "pretrain_stage1.yaml"
 STAGE2_YAML = PROJECT_DIR / "pretrain_stage2.yaml"
 VQA_YAML = PROJECT_DIR / "vqa_zeroshot_eval.yaml"
+INSTRUCT_YAML = PROJECT_DIR / "instruct_lora.yaml"
+VQA_INSTRUCT_YAML = PROJECT_DIR / "vqa_instruct_eval.yaml"
 BERT_SIZES = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256}
 LLM_STEPS = 1000
 VIT_STEPS = 200
@@ -44,6 +48,7 @@ PROCESSES = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}  # 2 CPU processes, 
 NUM_SAMPLES = 6  # sample captions shown beside the truth
 ATTRIBUTE_GOAL = 0.8  # mean of colour F1, shape F1 and count accuracy on held-out images (each language)
 OTHER_GOAL = 1.5  # VQA "other" accuracy over the majority baseline's
+INSTRUCT_GOAL = 0.85  # instruction-tuned VQA accuracy, overall and on yes/no
 
 
 # --------------------------------------------------------------------------- steps 1-2: parts and training
@@ -120,9 +125,10 @@ def logged_iterations(job: Path) -> int:
 
 
 def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = (), stage2_options: list[str] = (),
-                 timings: dict[str, float] | None = None) -> dict[str, Path]:
-    """Stage 1 then stage 2 (2 CPU processes unless ``NPROC_PER_NODE`` says otherwise), each with its
-    ``--options``; returns their job dirs. Each stage's wall time goes into ``timings`` when given."""
+                 instruct_options: list[str] | None = None, timings: dict[str, float] | None = None) -> dict[str, Path]:
+    """Stage 1, stage 2 and, when ``instruct_options`` is given, stage 3 (2 CPU processes unless
+    ``NPROC_PER_NODE`` says otherwise), each with its ``--options``; returns their job dirs. Each
+    stage's wall time goes into ``timings`` when given."""
     env = {**PROCESSES, **env}
     timings = {} if timings is None else timings
     with timed(timings, "stage1"):
@@ -132,7 +138,13 @@ def train_stages(root: Path, env: dict[str, str], stage1_options: list[str] = ()
         stage2 = run_script("train/pretrain_stage2_internlm.sh", STAGE2_YAML, list(stage2_options),
                             {**env, "LAVIS_EXT_STAGE1_CKPT": str(stage1 / "checkpoint_last.pth")},
                             root / "logs" / "stage2.log", root / "demo" / "pretrain_stage2", progress=True)
-    return {"stage1": stage1, "stage2": stage2}
+    jobs = {"stage1": stage1, "stage2": stage2}
+    if instruct_options is not None:
+        with timed(timings, "stage3"):
+            jobs["stage3"] = run_script("train/instruct_internlm2_lora.sh", INSTRUCT_YAML, list(instruct_options),
+                                        {**env, "LAVIS_EXT_STAGE2_CKPT": str(stage2 / "checkpoint_last.pth")},
+                                        root / "logs" / "stage3.log", root / "demo" / "instruct_lora", progress=True)
+    return jobs
 
 
 # --------------------------------------------------------------------------- step 3: held-out evaluation
@@ -187,22 +199,25 @@ def caption_scores(model, world: Path, split: str = "test",
     return scores, list(zip(generated, truth))
 
 
-def zero_shot_vqa(root: Path, env: dict[str, str], name: str, checkpoint: Path | None) -> dict[str, float]:
-    """Zero-shot VQA of the test split through ``evaluate.py``, as real evaluations run: the demo yaml
-    with ``run_scripts/blip2/eval/vqav2_zeroshot_internlm2.sh`` on 2 processes. ``checkpoint`` None
-    evaluates the untrained control. Returns the official VQA accuracy per answer type, as a fraction."""
+def vqa_accuracy(root: Path, env: dict[str, str], name: str, checkpoint: Path | None,
+                 yaml: Path = VQA_YAML, checkpoint_variable: str = "LAVIS_EXT_STAGE2_CKPT") -> dict[str, float]:
+    """VQA of the test split through ``evaluate.py``, as real evaluations run: ``yaml`` (zero-shot, or
+    the instruction-tuned model's chat format) with ``run_scripts/blip2/eval/vqav2_zeroshot_internlm2.sh``
+    on 2 processes. ``checkpoint`` None evaluates the untrained control. Returns the official VQA
+    accuracy per answer type, as a fraction."""
     from lavis_ext.demo.world import ANSWER_TYPES
 
     output = root / "demo" / f"vqa_{name}"
-    job = run_script("eval/vqav2_zeroshot_internlm2.sh", VQA_YAML, [f"run.output_dir={output}"],
-                     {**PROCESSES, **env, "LAVIS_EXT_STAGE2_CKPT": str(checkpoint or "")},
+    job = run_script("eval/vqav2_zeroshot_internlm2.sh", yaml, [f"run.output_dir={output}"],
+                     {**PROCESSES, **env, checkpoint_variable: str(checkpoint or "")},
                      root / "logs" / f"vqa_{name}.log", output)
     metrics = json.loads((job / "test_metrics.json").read_text())
     return {"overall": metrics["agg_metrics"] / 100, **{t: metrics[t] / 100 for t in ANSWER_TYPES}}
 
 
-def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict:
-    """Trained model vs untrained control on the test split, and the chance and majority baselines."""
+def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path, stage3: Path | None = None) -> dict:
+    """Trained model vs untrained control on the test split, and the chance and majority baselines;
+    with ``stage3``, also the instruction-tuned model's VQA (``instruction-tuned``)."""
     from lavis_ext.demo.world import chance_baseline, majority_baseline, read_annotations
 
     train, test = read_annotations(world, "train"), read_annotations(world, "test")
@@ -212,7 +227,10 @@ def evaluate(root: Path, env: dict[str, str], world: Path, stage2: Path) -> dict
         scores, samples = caption_scores(model, world)
         scores_zh, samples_zh = caption_scores(model, world, language="zh")
         result[name] = {"captions": scores, "samples": samples[:NUM_SAMPLES], "captions_zh": scores_zh,
-                        "samples_zh": samples_zh[:NUM_SAMPLES], "vqa": zero_shot_vqa(root, env, name, checkpoint)}
+                        "samples_zh": samples_zh[:NUM_SAMPLES], "vqa": vqa_accuracy(root, env, name, checkpoint)}
+    if stage3 is not None:
+        result["instruction-tuned"] = {"vqa": vqa_accuracy(root, env, "instruct", stage3 / "checkpoint_last.pth",
+                                                           VQA_INSTRUCT_YAML, "LAVIS_EXT_STAGE3_CKPT")}
     return result
 
 
@@ -231,6 +249,10 @@ def goals(result: dict) -> dict[str, bool]:
             trained["vqa"][kind] > max(majority["vqa"][kind], untrained["vqa"][kind]))
     met[f"VQA other >= {OTHER_GOAL}x the majority baseline"] = (
         trained["vqa"]["other"] >= OTHER_GOAL * majority["vqa"]["other"])
+    if "instruction-tuned" in result:
+        instructed = result["instruction-tuned"]["vqa"]
+        met[f"instruction-tuned VQA overall and yes/no >= {INSTRUCT_GOAL}"] = (
+            instructed["overall"] >= INSTRUCT_GOAL and instructed["yes/no"] >= INSTRUCT_GOAL)
     return met
 
 
@@ -242,19 +264,20 @@ def summary(stages: dict[str, dict], result: dict) -> str:
                         if "steps" in stage else "")
         lines.append(f"{name:<10}{stage['seconds']:>9.0f}{losses_cells}")
     lines.append(f"{'total':<10}{sum(stage['seconds'] for stage in stages.values()):>9.0f}")
-    lines += ["", "held-out test images", f"{'model':<11}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}"
+    lines += ["", "held-out test images (trained: stage 2, VQA zero-shot; instruction-tuned: stage 3, VQA in the "
+              "chat format)", f"{'model':<18}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}"
               f"{'count':>7}{'VQA y/n':>9}{'number':>8}{'other':>7}{'overall':>9}"]
-    for name in ("chance", "majority", "untrained", "trained"):
+    for name in [n for n in ("chance", "majority", "untrained", "trained", "instruction-tuned") if n in result]:
         captions, vqa = result[name].get("captions"), result[name]["vqa"]
         caption_cells = (f"{captions['attribute']:>10.3f}{captions['colour_f1']:>10.3f}{captions['shape_f1']:>10.3f}"
                          f"{captions['count_acc']:>7.3f}" if captions else f"{'':>37}")
-        lines.append(f"{name:<11}{caption_cells}{vqa['yes/no']:>9.3f}{vqa['number']:>8.3f}{vqa['other']:>7.3f}"
+        lines.append(f"{name:<18}{caption_cells}{vqa['yes/no']:>9.3f}{vqa['number']:>8.3f}{vqa['other']:>7.3f}"
                      f"{vqa['overall']:>9.3f}")
     lines += ["", "held-out test images, Chinese captions (prompt '一张图片的描述：'; CIDEr on jieba-segmented text)",
-              f"{'model':<11}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}{'count':>7}{'CIDEr':>8}"]
+              f"{'model':<18}{'attribute':>10}{'colour F1':>10}{'shape F1':>10}{'count':>7}{'CIDEr':>8}"]
     for name in ("untrained", "trained"):
         zh = result[name]["captions_zh"]
-        lines.append(f"{name:<11}{zh['attribute']:>10.3f}{zh['colour_f1']:>10.3f}{zh['shape_f1']:>10.3f}"
+        lines.append(f"{name:<18}{zh['attribute']:>10.3f}{zh['colour_f1']:>10.3f}{zh['shape_f1']:>10.3f}"
                      f"{zh['count_acc']:>7.3f}{zh['cider']:>8.3f}")
     for key, language in (("samples", "English"), ("samples_zh", "Chinese")):
         lines += ["", f"sample captions, {language} (trained | truth)"]
@@ -263,35 +286,39 @@ def summary(stages: dict[str, dict], result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(root: Path) -> dict:
-    """Everything above into ``root``; returns the stages, the evaluation and the plot's path."""
+def run_demo(root: Path, instruct: bool = False) -> dict:
+    """Everything above into ``root`` (stage 3 with ``instruct``); returns the stages, the evaluation
+    and the plot's path."""
     from lavis_ext.tools.plot_log import plot_stages, read_job
 
     assets = make_assets(root)
     env = demo_env(root, assets)
     os.environ.update(env)  # the in-process evaluation builds the model from the same yaml
     timings = dict(assets["timings"])
-    jobs = train_stages(root, env, timings=timings)
+    jobs = train_stages(root, env, instruct_options=[] if instruct else None, timings=timings)
     with timed(timings, "evaluate"):
-        result = evaluate(root, env, assets["world"], jobs["stage2"])
+        result = evaluate(root, env, assets["world"], jobs["stage2"], jobs.get("stage3"))
     stages = {name: {"seconds": seconds} for name, seconds in timings.items()}
     stages["vit"].update(steps=VIT_STEPS, **assets["results"]["vit"])
     stages["stage0"].update(steps=LLM_STEPS, **assets["results"]["stage0"])
     for name, job in jobs.items():
         values = read_job(job).series["loss"]
         stages[name].update(steps=len(values), first_loss=values[0], last_loss=values[-1])
-    plot = plot_stages({"stage 1": jobs["stage1"], "stage 2": jobs["stage2"]}, root / "loss_curves.png")
+    names = {"stage1": "stage 1", "stage2": "stage 2", "stage3": "stage 3 (LoRA)"}
+    plot = plot_stages({names[stage]: job for stage, job in jobs.items()}, root / "loss_curves.png")
     return {"stages": stages, "evaluation": result, "plot": plot}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m lavis_ext.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo", help="where data, parts, checkpoints and logs go")
+    parser.add_argument("--instruct", action="store_true",
+                        help="also stage 3 (LoRA instruction tuning) and its VQA row; about 3.5 more minutes")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(2)  # the machine budget: 2 CPU cores
     root = Path(args.output).absolute()
-    report = run_demo(root)
+    report = run_demo(root, instruct=args.instruct)
     print(summary(report["stages"], report["evaluation"]))
     print(f"\nloss curves: {report['plot']}\noutputs: {root}")
     (root / "summary.json").write_text(json.dumps(report, indent=2, default=str))
