@@ -16,6 +16,13 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 import lavis_ext  # noqa: E402,F401  (patches must precede any transformers import)
 
 
+LONGEST_FIRST = ("test_demo_learning.py::test_short_demo",)  # started first, so no worker waits on it at the end
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONGEST_FIRST))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

@@ -1,6 +1,7 @@
 """runner_ext through train.py: 2-process gloo training, checkpoints, exact resume, crash safety."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -54,13 +55,18 @@ def test_stock_lavis_checkpoint_resumes(tiny_env, tmp_path):
     assert "resumed from" in result.stderr and "at epoch 1" in result.stderr
 
 
-def test_hung_run_fails_with_each_ranks_stack(tiny_env, tmp_path):
-    """A run past its time limit is reported with both ranks' Python stacks (SIGUSR1 -> faulthandler)."""
-    endless = ["train.py", "--cfg-path", STAGE1_STOCK, "--options", f"run.output_dir={tmp_path}", "run.max_epoch=100000"]
+def test_hung_run_fails_with_each_ranks_stack(tiny_env, tiny_coco, tmp_path):
+    """A run past its time limit is reported with both ranks' Python stacks (SIGUSR1 -> faulthandler).
+    The ranks hang as on a stalled file system, without spending CPU: each image is a FIFO nobody writes."""
+    stalled = tmp_path / "images"
+    for image in (tiny_coco.parent / "images").rglob("*.jpg"):
+        (stalled / image.relative_to(tiny_coco.parent / "images")).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(stalled / image.relative_to(tiny_coco.parent / "images"))
+    run = ["train.py", "--cfg-path", STAGE1_STOCK, "--options", f"run.output_dir={tmp_path / 'out'}"]
     with pytest.raises(pytest.fail.Exception) as failure:
-        torchrun(endless, tiny_env, timeout=30)
+        torchrun(run, {**tiny_env, "TINY_COCO_IMAGES": str(stalled)}, timeout=25)
     message = str(failure.value)
-    assert "timed out after 30 s" in message
+    assert "timed out after 25 s" in message
     assert message.count("lavis_ext/cli.py") >= 2, message[-3000:]
 
 
