@@ -127,6 +127,14 @@ def build_qformer(bert_path: str, num_query_token: int, vision_width: int, cross
     return qformer, query_tokens
 
 
+def query_pass(bert: nn.Module, query_tokens: torch.Tensor, image_embeds: torch.Tensor, use_cache: bool = False):
+    """The learned queries cross-attending to image features ``[B, N, D]``, no text (BLIP-2's
+    query pass, stage 1 and stage 2 alike); ``last_hidden_state`` is ``[B, num_query_token, hidden]``."""
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    return bert(query_embeds=query_tokens.expand(image_embeds.shape[0], -1, -1), encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts, use_cache=use_cache, return_dict=True)
+
+
 # --------------------------------------------------------------------------- vision encoders
 
 

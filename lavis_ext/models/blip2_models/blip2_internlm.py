@@ -27,13 +27,11 @@ from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch.nn.utils.rnn import pad_sequence
 
-from lavis_ext import blip2_parts
-
-from lavis_ext import local_paths
-from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, LLMTokens, encode_with_image
+from lavis_ext import blip2_parts, local_paths
 from lavis_ext.checkpoint import load_checkpoint_file, load_partial_state, model_weights, reading_weights
 from lavis_ext.constants import IGNORE_INDEX
 from lavis_ext.errors import CheckpointError, ConfigError
+from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, LLMTokens, encode_with_image
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
 from lavis_ext.models.internlm2.tokenizer import IM_END
 from lavis_ext.models.lora import DEFAULT_TARGET_MODULES, add_lora, is_lora_parameter, lora_config
@@ -214,14 +212,8 @@ class Blip2InternLM(Blip2Base):
         with (contextlib.nullcontext() if vit_trainable else torch.no_grad()), self.maybe_autocast():
             image_embeds = self.visual_encoder(image)
         image_embeds = self.ln_vision(image_embeds.float())
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
         # step 2: the learned queries cross-attend to the image
-        query_output = self.qformer(
-            query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
-        )
+        query_output = blip2_parts.query_pass(self.qformer, self.query_tokens, image_embeds)
         # step 3: project into the LLM's embedding space
         return self.llm_proj(query_output.last_hidden_state).to(self.llm.dtype)
 

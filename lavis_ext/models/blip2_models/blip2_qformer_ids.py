@@ -216,7 +216,7 @@ class Blip2QformerIds(Blip2Qformer):
 
         # step 1: images -> ViT patch embeddings -> query features (queries cross-attend to patches)
         image_embeds = self.ln_vision(self.visual_encoder(image))  # [bs, patches, vit_dim]
-        query_output = self._encode_queries(image_embeds, use_cache=True)
+        query_output = blip2_parts.query_pass(self.Qformer.bert, self.query_tokens, image_embeds, use_cache=True)
         image_feats = F.normalize(self.vision_proj(query_output.last_hidden_state), dim=-1)  # [bs, q, d]
 
         # step 2: texts -> [CLS] features (Q-Former in text-only mode)
@@ -260,13 +260,6 @@ class Blip2QformerIds(Blip2Qformer):
         if ids.numel() != bs:
             raise ValueError(f"samples['image_id'] has {ids.numel()} ids for a batch of {bs}")
         return ids
-
-    def _encode_queries(self, image_embeds: torch.Tensor, use_cache: bool = False):
-        """Q-Former query pass over ``image_embeds``; ``last_hidden_state`` is ``[bs, q, hidden]``."""
-        query_tokens = self.query_tokens.expand(image_embeds.size(0), -1, -1)
-        return self.Qformer.bert(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=self._ones(image_embeds), use_cache=use_cache,
-                                 return_dict=True)
 
     def _similarities(self, image_feats: torch.Tensor, text_feat: torch.Tensor):
         """Local-vs-global similarities, max over query tokens, over the temperature (stock ``:129-151``)."""
