@@ -63,8 +63,9 @@ def timed(timings: dict[str, float], name: str):
 
 
 def make_assets(root: Path, llm_steps: int = LLM_STEPS, vit_steps: int = VIT_STEPS,
-                world_sizes: dict[str, int] | None = None) -> dict:
-    """World under ``root/data/synthetic`` (the yamls' ``$LAVIS_CACHE_ROOT/synthetic``), then the parts."""
+                world_sizes: dict[str, int] | None = None, chat_llm: bool = False) -> dict:
+    """World under ``root/data/synthetic`` (the yamls' ``$LAVIS_CACHE_ROOT/synthetic``), then the parts;
+    with ``chat_llm`` stage 0 also learns the chat template (for stage 3, as InternLM2-Chat knows it)."""
     from lavis_ext.demo.world import make_world
     from lavis_ext.tiny.blip2 import make_tiny_bert
     from lavis_ext.demo.pretrain_llm import pretrain_tiny_llm, stage0_examples, world_texts
@@ -77,7 +78,7 @@ def make_assets(root: Path, llm_steps: int = LLM_STEPS, vit_steps: int = VIT_STE
     with timed(timings, "vit"):
         results["vit"] = pretrain_tiny_vit(world, root / "vit", steps=vit_steps)
     with timed(timings, "stage0"):
-        results["stage0"] = pretrain_tiny_llm(world, root / "llm", steps=llm_steps)
+        results["stage0"] = pretrain_tiny_llm(world, root / "llm", steps=llm_steps, chat=chat_llm)
     return {"world": world, "bert": bert, "vit": root / "vit", "llm": root / "llm", "timings": timings,
             "results": results}
 
@@ -291,7 +292,7 @@ def run_demo(root: Path, instruct: bool = False) -> dict:
     and the plot's path."""
     from lavis_ext.tools.plot_log import plot_stages, read_job
 
-    assets = make_assets(root)
+    assets = make_assets(root, chat_llm=instruct)
     env = demo_env(root, assets)
     os.environ.update(env)  # the in-process evaluation builds the model from the same yaml
     timings = dict(assets["timings"])
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m lavis_ext.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo", help="where data, parts, checkpoints and logs go")
     parser.add_argument("--instruct", action="store_true",
-                        help="also stage 3 (LoRA instruction tuning) and its VQA row; about 3.5 more minutes")
+                        help="stage 0 also learns the chat template; then stage 3 (LoRA instruction tuning) "
+                             "and its VQA row; about 3.5 more minutes")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(2)  # the machine budget: 2 CPU cores

@@ -7,7 +7,12 @@ as ``context``, and the loss covers ``target </s>`` only:
 - captioning: prompt ``""``, target the caption (the model learns to read the context out);
 - Chinese captioning: the same English caption as context (stage 2's queries do not depend on the
   language asked for), prompt ``一张图片的描述：``, target the Chinese caption;
-- VQA: prompt ``qa_prompt.format(question)``, target the short answer.
+- VQA: prompt ``qa_prompt.format(question)``, target the short answer;
+- with ``chat`` (the demo's ``--instruct``), also conversations (:func:`chat_rows`): the world's
+  LLaVA-format conversations in InternLM2's chat template, as stage 3 encodes them (:class:`~lavis_ext.models.blip2_models.chat_format.ChatFormat`,
+  loss on the answers and their ``<|im_end|>``), the caption in place of the queries. A chat LLM
+  knows its template before instruction tuning, as InternLM2-Chat does; LoRA in stage 3 leaves the
+  embeddings of ``<|im_start|>``/``<|im_end|>`` frozen, so they must mean something already.
 
 Stage 2 then keeps this LLM frozen and teaches the Q-Former to produce a context it can read.
 The result is written in InternLM2's hub layout (remote-code ``config.json``, packed
@@ -27,6 +32,9 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from lavis_ext.constants import IGNORE_INDEX
+from lavis_ext.datasets.base import AnnSource
+from lavis_ext.datasets.conversation import parse_record
+from lavis_ext.models.blip2_models.chat_format import IMAGE_TOKEN, ChatFormat
 from lavis_ext.demo.world import read_world_file
 from lavis_ext.models.blip2_models.blip2_internlm import Blip2InternLMConfig
 from lavis_ext.models.internlm2 import load_internlm2_llm, load_internlm2_tokenizer
@@ -104,6 +112,28 @@ def stage0_examples(world_root: str | Path, qa_prompt: str = QA_PROMPT) -> list[
     return examples
 
 
+def conversations(world_root: str | Path) -> list[tuple[int, list[dict[str, str]]]]:
+    """``(image_id, messages)`` of each train conversation (``conversations_train.json``), as the
+    ``llava_conversation`` builder reads it."""
+    name = "conversations_train.json"
+    return [(int(record["id"]), parse_record(record, AnnSource(str(Path(world_root) / name), index)))
+            for index, record in enumerate(read_world_file(world_root, name))]
+
+
+def chat_rows(tokenizer, world_root: str | Path) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` of each train conversation in the chat format, the image's caption
+    tokens where stage 3 puts the queries; within the LLM's positions (later rounds are dropped)."""
+    captions = {r["image_id"]: r["caption"] for r in read_world_file(world_root, "train.json")}
+    rows = []
+    for image_id, messages in conversations(world_root):
+        context = tokenizer.encode(captions[image_id], add_special_tokens=False)
+        tokens = ChatFormat(tokenizer, LLM_SIZES["max_position_embeddings"] - len(context)).encode(messages)
+        at = tokens.image_position
+        rows.append((tokens.input_ids[:at] + context + tokens.input_ids[at:],
+                     tokens.labels[:at] + [IGNORE_INDEX] * len(context) + tokens.labels[at:]))
+    return rows
+
+
 def world_texts(examples: list[tuple[str, str, str]]) -> list[str]:
     """What the tokenizer is trained on: every distinct string of the examples, plus the eval captions' prefix."""
     return sorted({part for example in examples for part in example if part} | {"a picture of"})
@@ -133,17 +163,24 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, to
 
 def pretrain_tiny_llm(world_root: str | Path, dst: str | Path, *, steps: int = 1500, batch_size: int = 64,
                       lr: float = 3e-3, warmup_steps: int = 50, seed: int = 0,
-                      qa_prompt: str = QA_PROMPT) -> dict[str, float]:
+                      qa_prompt: str = QA_PROMPT, chat: bool = False) -> dict[str, float]:
     """Make a random tiny InternLM2 in ``dst`` (tokenizer trained on the world's text), train it
-    on :func:`stage0_examples` (AdamW, linear warmup then cosine), save it in place.
+    on :func:`stage0_examples` (and with ``chat`` on :func:`chat_rows`; AdamW, linear warmup then
+    cosine), save it in place. A batch is all examples or all conversations (these are 3-4x longer),
+    in proportion to their counts.
 
     Returns the first and last training loss (means over 20 steps).
     """
     examples = stage0_examples(world_root, qa_prompt)
+    texts = set(world_texts(examples))
+    if chat:
+        texts |= {m["content"].replace(IMAGE_TOKEN, "").strip() for _, messages in conversations(world_root)
+                  for m in messages}
     # fp32 storage: the trained weights are saved as trained (the release stores bf16)
-    make_tiny_internlm2(dst, texts=world_texts(examples), seed=seed, dtype=torch.float32, **LLM_SIZES)
+    make_tiny_internlm2(dst, texts=sorted(texts), seed=seed, dtype=torch.float32, **LLM_SIZES)
     tokenizer = load_internlm2_tokenizer(dst)
     rows = encode_examples(tokenizer, examples)
+    chats = chat_rows(tokenizer, world_root) if chat else []
     model = load_internlm2_llm(dst).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
@@ -152,7 +189,8 @@ def pretrain_tiny_llm(world_root: str | Path, dst: str | Path, *, steps: int = 1
     torch.manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="stage 0: tiny LLM on the world's text"):
-        loss = model(**_batch(rng.sample(rows, batch_size), tokenizer.pad_token_id)).loss
+        source = chats if chats and rng.random() < len(chats) / (len(chats) + len(rows)) else rows
+        loss = model(**_batch(rng.sample(source, batch_size), tokenizer.pad_token_id)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
