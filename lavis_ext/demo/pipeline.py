@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="output/demo", help="where data, parts, checkpoints and logs go")
     parser.add_argument("--instruct", action="store_true",
                         help="stage 0 also learns the chat template; then stage 3 (LoRA instruction tuning) "
-                             "and its VQA row; about 3.5 more minutes")
+                             "and its VQA row; about 4 more minutes")
     args = parser.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(2)  # the machine budget: 2 CPU cores
