@@ -133,10 +133,17 @@ def load_partial_state(model: torch.nn.Module, state_dict: dict, source: str,
     keys starting with one of ``allowed_missing`` (e.g. ``"llm."`` when stage 1 feeds stage 2).
     """
     missing, unexpected = load_state_dict_named(model, state_dict, source)
+    check_loaded_keys(model, missing, unexpected, source, allowed_missing)
+
+
+def check_loaded_keys(model: torch.nn.Module, missing: Iterable[str], unexpected: list[str], source: str,
+                      allowed_missing: Iterable[str] = ()) -> None:
+    """Raise naming ``source`` unless nothing is unexpected and every missing key is allowed (see
+    :func:`load_partial_state`)."""
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n for n, _ in model.named_buffers()}
     prefixes = tuple(allowed_missing)
     not_allowed = [k for k in missing if k not in frozen and k not in buffers and not k.startswith(prefixes)]
     if unexpected or not_allowed:
         raise CheckpointError(f"{source}: does not match the model; unexpected keys {unexpected[:8]}, "
-                           f"missing keys {not_allowed[:8]} (allowed missing: frozen, {list(prefixes)})")
+                              f"missing keys {not_allowed[:8]} (allowed missing: frozen, {list(prefixes)})")

@@ -120,12 +120,14 @@ def conversations(world_root: str | Path) -> list[tuple[int, list[dict[str, str]
             for index, record in enumerate(read_world_file(world_root, name))]
 
 
-def chat_rows(tokenizer, world_root: str | Path) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` of each train conversation in the chat format, the image's caption
-    tokens where stage 3 puts the queries; within the LLM's positions (later rounds are dropped)."""
+def chat_rows(tokenizer, world_root: str | Path,
+              chats: list[tuple[int, list[dict[str, str]]]]) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` of each conversation of :func:`conversations` in the chat format, the
+    image's caption tokens where stage 3 puts the queries; within the LLM's positions (later rounds
+    are dropped)."""
     captions = {r["image_id"]: r["caption"] for r in read_world_file(world_root, "train.json")}
     rows = []
-    for image_id, messages in conversations(world_root):
+    for image_id, messages in chats:
         context = tokenizer.encode(captions[image_id], add_special_tokens=False)
         tokens = ChatFormat(tokenizer, LLM_SIZES["max_position_embeddings"] - len(context)).encode(messages)
         at = tokens.image_position
@@ -173,14 +175,14 @@ def pretrain_tiny_llm(world_root: str | Path, dst: str | Path, *, steps: int = 1
     """
     examples = stage0_examples(world_root, qa_prompt)
     texts = set(world_texts(examples))
-    if chat:
-        texts |= {m["content"].replace(IMAGE_TOKEN, "").strip() for _, messages in conversations(world_root)
-                  for m in messages}
+    chats = conversations(world_root) if chat else []
+    texts |= {m["content"].replace(IMAGE_TOKEN, "").strip() for _, messages in chats for m in messages}
     # fp32 storage: the trained weights are saved as trained (the release stores bf16)
     make_tiny_internlm2(dst, texts=sorted(texts), seed=seed, dtype=torch.float32, **LLM_SIZES)
     tokenizer = load_internlm2_tokenizer(dst)
     rows = encode_examples(tokenizer, examples)
-    chats = chat_rows(tokenizer, world_root) if chat else []
+    conversation_rows = chat_rows(tokenizer, world_root, chats)
+    conversation_share = len(conversation_rows) / (len(conversation_rows) + len(rows))  # of the batches
     model = load_internlm2_llm(dst).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
@@ -189,7 +191,7 @@ def pretrain_tiny_llm(world_root: str | Path, dst: str | Path, *, steps: int = 1
     torch.manual_seed(seed)
     losses = []
     for _ in tqdm(range(steps), desc="stage 0: tiny LLM on the world's text"):
-        source = chats if chats and rng.random() < len(chats) / (len(chats) + len(rows)) else rows
+        source = conversation_rows if conversation_rows and rng.random() < conversation_share else rows
         loss = model(**_batch(rng.sample(source, batch_size), tokenizer.pad_token_id)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

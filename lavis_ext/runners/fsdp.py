@@ -37,6 +37,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from lavis_ext.checkpoint import check_loaded_keys
 from lavis_ext.errors import CheckpointError
 
 
@@ -121,14 +122,10 @@ def load_full_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor],
     parameters and buffers may be missing (they keep their values). A shape mismatch raises too.
     """
     own = model.state_dict()  # the model's names; DTensors report the full shapes
-    allowed_missing = {n for n, p in model.named_parameters() if not p.requires_grad}
-    allowed_missing |= {n for n, _ in model.named_buffers()}
-    unexpected = sorted(set(state_dict) - set(own))
-    missing = sorted(set(own) - set(state_dict) - allowed_missing)
+    check_loaded_keys(model, sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own)), source)
     mismatched = sorted(k for k in set(state_dict) & set(own) if state_dict[k].shape != own[k].shape)
-    if unexpected or missing or mismatched:
-        raise CheckpointError(f"{source}: does not match the model; unexpected keys {unexpected[:8]}, missing keys "
-                              f"{missing[:8]}, shape mismatches {mismatched[:8]} (allowed missing: frozen)")
+    if mismatched:
+        raise CheckpointError(f"{source}: does not match the model; shape mismatches {mismatched[:8]}")
     # set_model_state_dict fills the keys the checkpoint leaves out with the model's own values
     set_model_state_dict(model, dict(state_dict), options=StateDictOptions(full_state_dict=True))
 
